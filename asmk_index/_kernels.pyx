@@ -1,4 +1,362 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
-"""Compiled ASMK* hot loops (placeholder, replaced by the real kernels)."""
-def version():
-    return 0
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Compiled ASMK* hot loops: stable counting sort, residual aggregation, inverted-file scans.
+
+Everything works on plain C-contiguous arrays and releases the GIL. Binary codes are packed into
+uint64 words (``W = ceil(D / 64)``; dimension ``j`` is bit ``63 - j % 64`` of word ``j // 64``,
+unused tail bits are 0). Scores are accumulated per query word in ascending word order, so the
+full scan and the per-image forward-index scoring add the very same terms in the very same order.
+"""
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.math cimport sqrt
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <math.h>
+
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    #define ASMK_POPCNT_ATTR __attribute__((target("popcnt")))
+    #define ASMK_HAVE_POPCNT_DISPATCH 1
+    #else
+    #define ASMK_POPCNT_ATTR
+    #define ASMK_HAVE_POPCNT_DISPATCH 0
+    #endif
+
+    static inline int asmk_cpu_has_popcnt(void) {
+    #if ASMK_HAVE_POPCNT_DISPATCH
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("popcnt");
+    #else
+        return 0;
+    #endif
+    }
+
+    /* Largest index i with offsets[i] <= pos, searching offsets[lo..hi). */
+    static inline int64_t asmk_word_of_position(const int64_t *offsets, int64_t lo, int64_t hi,
+                                                int64_t pos) {
+        while (hi - lo > 1) {
+            int64_t mid = lo + (hi - lo) / 2;
+            if (offsets[mid] <= pos) lo = mid; else hi = mid;
+        }
+        return lo;
+    }
+
+    /* Full scan of the posting lists of the query's words (binary codes). */
+    #define ASMK_DEFINE_SCAN_BINARY(NAME, ATTR)                                                \\
+    static ATTR void NAME(const uint64_t *qcodes, const int64_t *qwords, const double *qweights, \\
+                          int64_t nq, const int64_t *offsets, const uint64_t *codes,           \\
+                          const uint32_t *docs, int64_t W, const double *lut, double *acc) {   \\
+        for (int64_t i = 0; i < nq; ++i) {                                                     \\
+            const uint64_t *q = qcodes + i * W;                                                \\
+            const int64_t w = qwords[i];                                                       \\
+            const double weight = qweights[i];                                                 \\
+            const int64_t end = offsets[w + 1];                                                \\
+            if (W == 2) {                                                                      \\
+                const uint64_t q0 = q[0], q1 = q[1];                                           \\
+                for (int64_t p = offsets[w]; p < end; ++p) {                                   \\
+                    const int h = __builtin_popcountll(q0 ^ codes[2 * p])                      \\
+                                + __builtin_popcountll(q1 ^ codes[2 * p + 1]);                 \\
+                    const double s = lut[h];                                                   \\
+                    if (s != 0.0) acc[docs[p]] += weight * s;                                  \\
+                }                                                                              \\
+            } else {                                                                           \\
+                for (int64_t p = offsets[w]; p < end; ++p) {                                   \\
+                    const uint64_t *c = codes + p * W;                                         \\
+                    int h = 0;                                                                 \\
+                    for (int64_t j = 0; j < W; ++j) h += __builtin_popcountll(q[j] ^ c[j]);    \\
+                    const double s = lut[h];                                                   \\
+                    if (s != 0.0) acc[docs[p]] += weight * s;                                  \\
+                }                                                                              \\
+            }                                                                                  \\
+        }                                                                                      \\
+    }
+
+    /* Score selected images through the doc-major forward index (binary codes). */
+    #define ASMK_DEFINE_SCORE_BINARY(NAME, ATTR)                                               \\
+    static ATTR void NAME(const uint64_t *qcodes, const int64_t *qwords, const double *qweights, \\
+                          int64_t nq, const int64_t *offsets, int64_t K, const uint64_t *codes, \\
+                          int64_t W, const uint32_t *fwd_positions, const int64_t *fwd_offsets, \\
+                          const int64_t *local_docs, int64_t nc, const double *lut, double *out) { \\
+        for (int64_t c = 0; c < nc; ++c) {                                                     \\
+            const int64_t d = local_docs[c];                                                   \\
+            double acc = 0.0;                                                                  \\
+            int64_t qi = 0, lo = 0;                                                            \\
+            for (int64_t t = fwd_offsets[d]; t < fwd_offsets[d + 1] && qi < nq; ++t) {         \\
+                const int64_t pos = fwd_positions[t];                                          \\
+                lo = asmk_word_of_position(offsets, lo, K + 1, pos);                           \\
+                while (qi < nq && qwords[qi] < lo) ++qi;                                       \\
+                if (qi == nq || qwords[qi] != lo) continue;                                    \\
+                const uint64_t *q = qcodes + qi * W;                                           \\
+                const uint64_t *cc = codes + pos * W;                                          \\
+                int h = 0;                                                                     \\
+                for (int64_t j = 0; j < W; ++j) h += __builtin_popcountll(q[j] ^ cc[j]);       \\
+                const double s = lut[h];                                                       \\
+                if (s != 0.0) acc += qweights[qi] * s;                                         \\
+            }                                                                                  \\
+            out[c] = acc;                                                                      \\
+        }                                                                                      \\
+    }
+
+    ASMK_DEFINE_SCAN_BINARY(asmk_scan_binary_popcnt, ASMK_POPCNT_ATTR)
+    ASMK_DEFINE_SCAN_BINARY(asmk_scan_binary_generic, )
+    ASMK_DEFINE_SCORE_BINARY(asmk_score_binary_popcnt, ASMK_POPCNT_ATTR)
+    ASMK_DEFINE_SCORE_BINARY(asmk_score_binary_generic, )
+
+    /* Residual sums per run of (descriptor, word) pairs; see aggregate_residuals(). */
+    static void asmk_aggregate(const float *restrict X, const float *restrict C, int64_t D,
+                               const int64_t *restrict pair_descriptor,
+                               const int64_t *restrict pair_word,
+                               const int64_t *restrict group_starts, int64_t G, int64_t n_pairs,
+                               int binary, uint64_t *restrict codes, float *restrict vecs,
+                               float *restrict acc) {
+        const int64_t W = (D + 63) / 64;
+        for (int64_t g = 0; g < G; ++g) {
+            const int64_t end = g + 1 < G ? group_starts[g + 1] : n_pairs;
+            for (int64_t j = 0; j < D; ++j) acc[j] = 0.0f;
+            for (int64_t p = group_starts[g]; p < end; ++p) {
+                const float *restrict x = X + pair_descriptor[p] * D;
+                const float *restrict c = C + pair_word[p] * D;
+                for (int64_t j = 0; j < D; ++j) acc[j] += x[j] - c[j];
+            }
+            if (binary) {
+                uint64_t *restrict out = codes + g * W;
+                for (int64_t k = 0; k < W; ++k) {
+                    uint64_t bits = 0;
+                    const int64_t stop = (k + 1) * 64 < D ? (k + 1) * 64 : D;
+                    for (int64_t j = k * 64; j < stop; ++j)
+                        bits |= (uint64_t)(acc[j] > 0.0f) << (63 - (j & 63));
+                    out[k] = bits;
+                }
+            } else {
+                double norm = 0.0;
+                for (int64_t j = 0; j < D; ++j) norm += (double)acc[j] * (double)acc[j];
+                const float denominator = (float)sqrt(norm) + 1e-6f;
+                float *restrict out = vecs + g * D;
+                for (int64_t j = 0; j < D; ++j) out[j] = acc[j] / denominator;
+            }
+        }
+    }
+
+    static inline double asmk_selectivity(float u, double alpha, double threshold) {
+        if ((double)u < threshold) return 0.0;
+        if (alpha == 3.0) return (double)u * (double)u * (double)u;
+        return pow((double)u, alpha);
+    }
+
+    static inline float asmk_dot(const float *a, const float *b, int64_t D) {
+        float s = 0.0f;
+        for (int64_t j = 0; j < D; ++j) s += a[j] * b[j];
+        return s;
+    }
+
+    /* Full scan, real-valued (L2-normalised) aggregated vectors. */
+    static void asmk_scan_float(const float *qvecs, const int64_t *qwords, const double *qweights,
+                                int64_t nq, const int64_t *offsets, const float *vecs,
+                                const uint32_t *docs, int64_t D, double alpha, double threshold,
+                                double *acc) {
+        for (int64_t i = 0; i < nq; ++i) {
+            const float *q = qvecs + i * D;
+            const int64_t w = qwords[i];
+            for (int64_t p = offsets[w]; p < offsets[w + 1]; ++p) {
+                const double s = asmk_selectivity(asmk_dot(q, vecs + p * D, D), alpha, threshold);
+                if (s != 0.0) acc[docs[p]] += qweights[i] * s;
+            }
+        }
+    }
+
+    static void asmk_score_float(const float *qvecs, const int64_t *qwords, const double *qweights,
+                                 int64_t nq, const int64_t *offsets, int64_t K, const float *vecs,
+                                 int64_t D, const uint32_t *fwd_positions,
+                                 const int64_t *fwd_offsets, const int64_t *local_docs,
+                                 int64_t nc, double alpha, double threshold, double *out) {
+        for (int64_t c = 0; c < nc; ++c) {
+            const int64_t d = local_docs[c];
+            double acc = 0.0;
+            int64_t qi = 0, lo = 0;
+            for (int64_t t = fwd_offsets[d]; t < fwd_offsets[d + 1] && qi < nq; ++t) {
+                const int64_t pos = fwd_positions[t];
+                lo = asmk_word_of_position(offsets, lo, K + 1, pos);
+                while (qi < nq && qwords[qi] < lo) ++qi;
+                if (qi == nq || qwords[qi] != lo) continue;
+                const double s = asmk_selectivity(asmk_dot(qvecs + qi * D, vecs + pos * D, D),
+                                                  alpha, threshold);
+                if (s != 0.0) acc += qweights[qi] * s;
+            }
+            out[c] = acc;
+        }
+    }
+    """
+    int asmk_cpu_has_popcnt()
+    void asmk_scan_binary_popcnt(const uint64_t *qcodes, const int64_t *qwords,
+                                 const double *qweights, int64_t nq, const int64_t *offsets,
+                                 const uint64_t *codes, const uint32_t *docs, int64_t W,
+                                 const double *lut, double *acc) nogil
+    void asmk_scan_binary_generic(const uint64_t *qcodes, const int64_t *qwords,
+                                  const double *qweights, int64_t nq, const int64_t *offsets,
+                                  const uint64_t *codes, const uint32_t *docs, int64_t W,
+                                  const double *lut, double *acc) nogil
+    void asmk_score_binary_popcnt(const uint64_t *qcodes, const int64_t *qwords,
+                                  const double *qweights, int64_t nq, const int64_t *offsets,
+                                  int64_t K, const uint64_t *codes, int64_t W,
+                                  const uint32_t *fwd_positions, const int64_t *fwd_offsets,
+                                  const int64_t *local_docs, int64_t nc, const double *lut,
+                                  double *out) nogil
+    void asmk_score_binary_generic(const uint64_t *qcodes, const int64_t *qwords,
+                                   const double *qweights, int64_t nq, const int64_t *offsets,
+                                   int64_t K, const uint64_t *codes, int64_t W,
+                                   const uint32_t *fwd_positions, const int64_t *fwd_offsets,
+                                   const int64_t *local_docs, int64_t nc, const double *lut,
+                                   double *out) nogil
+    void asmk_aggregate(const float *X, const float *C, int64_t D, const int64_t *pair_descriptor,
+                        const int64_t *pair_word, const int64_t *group_starts, int64_t G,
+                        int64_t n_pairs, int binary, uint64_t *codes, float *vecs,
+                        float *acc) nogil
+    void asmk_scan_float(const float *qvecs, const int64_t *qwords, const double *qweights,
+                         int64_t nq, const int64_t *offsets, const float *vecs,
+                         const uint32_t *docs, int64_t D, double alpha, double threshold,
+                         double *acc) nogil
+    void asmk_score_float(const float *qvecs, const int64_t *qwords, const double *qweights,
+                          int64_t nq, const int64_t *offsets, int64_t K, const float *vecs,
+                          int64_t D, const uint32_t *fwd_positions, const int64_t *fwd_offsets,
+                          const int64_t *local_docs, int64_t nc, double alpha, double threshold,
+                          double *out) nogil
+
+import numpy as np
+
+cdef bint _HAS_POPCNT = asmk_cpu_has_popcnt() != 0
+
+
+def has_popcnt():
+    """Whether the scans use the CPU's popcnt instruction (else a portable bit count)."""
+    return bool(_HAS_POPCNT)
+
+
+def stable_argsort_by(const int64_t[::1] keys, int64_t n_keys, const int64_t[::1] order):
+    """Return ``order`` stably re-sorted by ``keys[order]`` (counting sort, O(n + n_keys)).
+
+    keys: (N,) int64 in [0, n_keys); order: (M,) int64 indices into keys. Returns (M,) int64.
+    """
+    cdef Py_ssize_t m = order.shape[0], i
+    cdef int64_t k
+    counts_array = np.zeros(n_keys + 1, dtype=np.int64)
+    result = np.empty(m, dtype=np.int64)
+    cdef int64_t[::1] counts = counts_array
+    cdef int64_t[::1] out = result
+    with nogil:
+        for i in range(m):
+            counts[keys[order[i]] + 1] += 1
+        for k in range(n_keys):
+            counts[k + 1] += counts[k]
+        for i in range(m):
+            k = keys[order[i]]
+            out[counts[k]] = order[i]
+            counts[k] += 1
+    return result
+
+
+def aggregate_residuals(const float[:, ::1] descriptors, const float[:, ::1] centroids,
+                        const int64_t[::1] pair_descriptor, const int64_t[::1] pair_word,
+                        const int64_t[::1] group_starts, bint binary):
+    """Sum residuals per group of (descriptor, word) pairs and binarise or L2-normalise them.
+
+    Pairs are ordered so that each group (one image and word) is a run starting at
+    ``group_starts[g]`` (the last group ends at the number of pairs); within a run the residuals
+    ``x - c_word`` are summed as float32 in the given order. Returns (G, ceil(D/64)) uint64 packed
+    sign bits (bit set where the sum > 0) when ``binary``, else (G, D) float32 ``v / (|v| + 1e-6)``.
+    """
+    cdef int64_t D = descriptors.shape[1]
+    cdef int64_t G = group_starts.shape[0]
+    cdef int64_t n_pairs = pair_descriptor.shape[0]
+    cdef int64_t W = (D + 63) // 64
+    accumulator_array = np.zeros(D, dtype=np.float32)
+    cdef float[::1] acc = accumulator_array
+    codes_array = np.zeros((G if binary else 0, W), dtype=np.uint64)
+    vecs_array = np.zeros((0 if binary else G, D), dtype=np.float32)
+    cdef uint64_t[:, ::1] codes = codes_array
+    cdef float[:, ::1] vecs = vecs_array
+    cdef uint64_t *codes_pointer = NULL
+    cdef float *vecs_pointer = NULL
+    if G == 0:
+        return codes_array if binary else vecs_array
+    if binary:
+        codes_pointer = &codes[0, 0]
+    else:
+        vecs_pointer = &vecs[0, 0]
+    with nogil:
+        asmk_aggregate(&descriptors[0, 0], &centroids[0, 0], D, &pair_descriptor[0],
+                       &pair_word[0], &group_starts[0], G, n_pairs, binary, codes_pointer,
+                       vecs_pointer, &acc[0])
+    return codes_array if binary else vecs_array
+
+
+def scan_binary(const uint64_t[:, ::1] query_codes, const int64_t[::1] query_words,
+                const double[::1] query_weights, const int64_t[::1] offsets,
+                const uint64_t[:, ::1] codes, const uint32_t[::1] docs, const double[::1] lut,
+                double[::1] acc):
+    """acc[doc] += weight_i * lut[hamming(q_i, code)] over every posting of every query word i."""
+    cdef int64_t nq = query_codes.shape[0], W = query_codes.shape[1]
+    if nq == 0 or codes.shape[0] == 0:
+        return
+    with nogil:
+        if _HAS_POPCNT:
+            asmk_scan_binary_popcnt(&query_codes[0, 0], &query_words[0], &query_weights[0], nq,
+                                    &offsets[0], &codes[0, 0], &docs[0], W, &lut[0], &acc[0])
+        else:
+            asmk_scan_binary_generic(&query_codes[0, 0], &query_words[0], &query_weights[0], nq,
+                                     &offsets[0], &codes[0, 0], &docs[0], W, &lut[0], &acc[0])
+
+
+def score_binary(const uint64_t[:, ::1] query_codes, const int64_t[::1] query_words,
+                 const double[::1] query_weights, const int64_t[::1] offsets,
+                 const uint64_t[:, ::1] codes, const uint32_t[::1] fwd_positions,
+                 const int64_t[::1] fwd_offsets, const int64_t[::1] local_docs,
+                 const double[::1] lut, double[::1] out):
+    """out[c] = sum over shared words of weight * lut[hamming], for segment-local docs only."""
+    cdef int64_t nq = query_codes.shape[0], W = query_codes.shape[1]
+    cdef int64_t K = offsets.shape[0] - 1, nc = local_docs.shape[0]
+    if nc == 0:
+        return
+    if nq == 0 or codes.shape[0] == 0:
+        out[:] = 0.0
+        return
+    with nogil:
+        if _HAS_POPCNT:
+            asmk_score_binary_popcnt(&query_codes[0, 0], &query_words[0], &query_weights[0], nq,
+                                     &offsets[0], K, &codes[0, 0], W, &fwd_positions[0],
+                                     &fwd_offsets[0], &local_docs[0], nc, &lut[0], &out[0])
+        else:
+            asmk_score_binary_generic(&query_codes[0, 0], &query_words[0], &query_weights[0], nq,
+                                      &offsets[0], K, &codes[0, 0], W, &fwd_positions[0],
+                                      &fwd_offsets[0], &local_docs[0], nc, &lut[0], &out[0])
+
+
+def scan_float(const float[:, ::1] query_vecs, const int64_t[::1] query_words,
+               const double[::1] query_weights, const int64_t[::1] offsets,
+               const float[:, ::1] vecs, const uint32_t[::1] docs, double alpha,
+               double threshold, double[::1] acc):
+    """acc[doc] += weight_i * sigma(<q_i, v>) over every posting of every query word i."""
+    cdef int64_t nq = query_vecs.shape[0], D = query_vecs.shape[1]
+    if nq == 0 or vecs.shape[0] == 0:
+        return
+    with nogil:
+        asmk_scan_float(&query_vecs[0, 0], &query_words[0], &query_weights[0], nq, &offsets[0],
+                        &vecs[0, 0], &docs[0], D, alpha, threshold, &acc[0])
+
+
+def score_float(const float[:, ::1] query_vecs, const int64_t[::1] query_words,
+                const double[::1] query_weights, const int64_t[::1] offsets,
+                const float[:, ::1] vecs, const uint32_t[::1] fwd_positions,
+                const int64_t[::1] fwd_offsets, const int64_t[::1] local_docs, double alpha,
+                double threshold, double[::1] out):
+    """Forward-index scoring of segment-local docs for real-valued aggregated vectors."""
+    cdef int64_t nq = query_vecs.shape[0], D = query_vecs.shape[1]
+    cdef int64_t K = offsets.shape[0] - 1, nc = local_docs.shape[0]
+    if nc == 0:
+        return
+    if nq == 0 or vecs.shape[0] == 0:
+        out[:] = 0.0
+        return
+    with nogil:
+        asmk_score_float(&query_vecs[0, 0], &query_words[0], &query_weights[0], nq, &offsets[0],
+                         K, &vecs[0, 0], D, &fwd_positions[0], &fwd_offsets[0], &local_docs[0],
+                         nc, alpha, threshold, &out[0])

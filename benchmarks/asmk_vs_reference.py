@@ -1,0 +1,254 @@
+"""Benchmark: our ASMK* engine (asmk_index) against the reference ``asmk`` package (0.1.1).
+
+Both get the same synthetic clustered 128-d descriptors (generated in chunks from a seed) and the
+same centroids. Per configuration (codebook size x number of images) it prints build time
+(quantize + aggregate + invert, and the part after quantization), median query latency (full
+search; ours also score() of a 100-image shortlist), bytes per image and ours/reference ratios.
+
+The reference is pure Python per image/word/posting; with ``--reference-images N`` it indexes only
+the first N images, which the table states (rows are never extrapolated).
+
+    .venv/bin/python benchmarks/asmk_vs_reference.py --quick
+    .venv/bin/python benchmarks/asmk_vs_reference.py --codebooks 4096 65536 --images 10000 100000 \\
+        --reference-images 10000
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from asmk_index.asmk import AsmkIndex  # noqa: E402
+from asmk_index.codebook import Codebook  # noqa: E402
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    """Images made of a few 'patterns' (unit vectors) each, descriptors = pattern + noise."""
+
+    dim: int = 128
+    per_image: int = 300
+    n_patterns: int = 50000
+    patterns_per_image: int = 30
+    noise: float = 0.06  # per dimension (noise norm ~0.7 against unit patterns)
+    seed: int = 0
+    chunk_images: int = 2000
+
+    def patterns(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, 0])
+        patterns = rng.standard_normal((self.n_patterns, self.dim)).astype(np.float32)
+        return patterns / np.linalg.norm(patterns, axis=1, keepdims=True)
+
+    def chunk(self, patterns: np.ndarray, first_image: int, n_images: int):
+        """(descriptors (n*per_image, D) float32, image ids) of images first..first+n-1."""
+        rng = np.random.default_rng([self.seed, 1, first_image])
+        chosen = rng.integers(0, self.n_patterns, (n_images, self.patterns_per_image))
+        which = rng.integers(0, self.patterns_per_image, (n_images, self.per_image))
+        centers = patterns[np.take_along_axis(chosen, which, axis=1).reshape(-1)]
+        descriptors = centers + self.noise * rng.standard_normal(centers.shape).astype(np.float32)
+        descriptors /= np.linalg.norm(descriptors, axis=1, keepdims=True)
+        ids = np.repeat(np.arange(first_image, first_image + n_images), self.per_image)
+        return descriptors.astype(np.float32), ids
+
+    def chunks(self, patterns, n_images):
+        for first in range(0, n_images, self.chunk_images):
+            yield self.chunk(patterns, first, min(self.chunk_images, n_images - first))
+
+
+def make_queries(data: SyntheticData, patterns, n_queries: int, seed: int):
+    """Perturbed, subsampled copies of the first database images."""
+    descriptors, ids = data.chunk(patterns, 0, n_queries)
+    rng = np.random.default_rng([seed, 2])
+    queries = []
+    for image in range(n_queries):
+        own = descriptors[ids == image]
+        keep = own[rng.random(own.shape[0]) < 0.8]
+        noisy = keep + 0.05 * rng.standard_normal(keep.shape).astype(np.float32)
+        queries.append((noisy / np.linalg.norm(noisy, axis=1, keepdims=True)).astype(np.float32))
+    return queries
+
+
+def sample_codebook(data: SyntheticData, patterns, size: int, train: bool, seed: int) -> Codebook:
+    descriptors, _ = data.chunk(patterns, 10 ** 9, max(size * 4 // data.per_image + 1, 50))
+    if train:
+        return Codebook.train(descriptors, size, seed=seed, max_points_per_centroid=4, niter=5)
+    rng = np.random.default_rng([seed, 3])
+    return Codebook.from_centroids(descriptors[rng.choice(descriptors.shape[0], size, replace=False)])
+
+
+def quantized_chunks(codebook, data, patterns, n_images):
+    """Yield (descriptors, ids, words, seconds to quantize): faiss IndexFlatL2 exact search, run
+    once and shared by both engines (the reference's Codebook.quantize is the same faiss call)."""
+    for descriptors, ids in data.chunks(patterns, n_images):
+        start = time.perf_counter()
+        words = codebook.quantize(descriptors, 1)
+        yield descriptors, ids, words, time.perf_counter() - start
+
+
+def run_ours(codebook, chunks, queries):
+    index = AsmkIndex(codebook, binary=True, use_idf=False)
+    quantize_time = rest_time = 0.0
+    for descriptors, ids, words, seconds in chunks:
+        quantize_time += seconds
+        start = time.perf_counter()
+        index.add(descriptors, ids, words=words)
+        rest_time += time.perf_counter() - start
+    search_times, score_times = [], []
+    rng = np.random.default_rng(5)
+    for query in queries:
+        start = time.perf_counter()
+        index.search(query, 100)
+        search_times.append(time.perf_counter() - start)
+        shortlist = rng.choice(index.image_ids, min(100, len(index)), replace=False)
+        start = time.perf_counter()
+        index.score(query, shortlist)
+        score_times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    for query in queries:
+        codebook.quantize(query, 5)
+    query_quantize = (time.perf_counter() - start) / len(queries)
+    return {"images": len(index), "build": quantize_time + rest_time, "after_quantize": rest_time,
+            "query": statistics.median(search_times), "query_quantize": query_quantize,
+            "score100": statistics.median(score_times),
+            "bytes_per_image": index.bytes_per_image(), "index": index}
+
+
+def reference_bytes(ivf) -> int:
+    total = np.asarray(ivf.norm_factor).nbytes + ivf.counts.nbytes + ivf.idf.nbytes
+    for vecs, imids in zip(ivf.ivf_vecs, ivf.ivf_image_ids):
+        if vecs is not None:
+            total += vecs.nbytes + imids.nbytes
+    return total
+
+
+def run_reference(codebook, chunks, queries):
+    from asmk import asmk_method
+    from asmk import codebook as reference_codebook
+    from asmk import index as reference_index
+    params = {"index": {"gpu_id": None}, "train_codebook": {"codebook": {"size": codebook.size}},
+              "build_ivf": {"kernel": {"binary": True}, "ivf": {"use_idf": False},
+                            "quantize": {"multiple_assignment": 1}, "aggregate": {}},
+              "query_ivf": {"quantize": {"multiple_assignment": 5}, "aggregate": {},
+                            "search": {"topk": 100},
+                            "similarity": {"similarity_threshold": 0.0, "alpha": 3.0}}}
+    cdb = reference_codebook.Codebook(reference_index.initialize_index(None), size=codebook.size)
+    cdb.index(np.array(codebook.centroids))
+    method = asmk_method.ASMKMethod(params, {}, codebook=cdb)
+    builder = method.create_ivf_builder()
+    quantize_time = rest_time = 0.0
+    n_images = 0
+    for descriptors, ids, words, seconds in chunks:
+        quantize_time += seconds
+        start = time.perf_counter()
+        aggregated = builder.kernel.aggregate(descriptors, words, ids)
+        builder.ivf.add(*aggregated)
+        rest_time += time.perf_counter() - start
+        n_images = int(ids.max()) + 1
+    method = method.add_ivf_builder(builder)
+    times = []
+    for query in queries:
+        start = time.perf_counter()
+        method.query_ivf(query, np.zeros(query.shape[0], dtype=np.int64))
+        times.append(time.perf_counter() - start)
+    return {"images": n_images, "build": quantize_time + rest_time, "after_quantize": rest_time,
+            "query": statistics.median(times),
+            "bytes_per_image": reference_bytes(builder.ivf) / n_images}
+
+
+def format_table(rows) -> str:
+    header = ("| codebook | images (ours / ref) | build s ours / ref (x) | after-quantize s ours / ref (x) "
+              "| query ms ours / ref (x) | of which quantize ms | score(100) ms ours | bytes/image ours / ref (x) |")
+    lines = [header, "|" + "---|" * 8]
+    for row in rows:
+        ours, ref = row["ours"], row.get("ref")
+        if ref is None:
+            lines.append(f"| {row['size']} | {ours['images']} / not run | {ours['build']:.1f} / - | "
+                         f"{ours['after_quantize']:.1f} / - | {ours['query'] * 1e3:.2f} / - | "
+                         f"{ours['query_quantize'] * 1e3:.2f} | "
+                         f"{ours['score100'] * 1e3:.2f} | {ours['bytes_per_image']:.0f} / - |")
+            continue
+        # ratios are per image when the reference indexed a subset (stated in the images column)
+        scale = ours["images"] / ref["images"]
+        lines.append(
+            f"| {row['size']} | {ours['images']} / {ref['images']}"
+            f"{' (subset)' if ref['images'] < ours['images'] else ''} | "
+            f"{ours['build']:.1f} / {ref['build']:.1f} ({ref['build'] * scale / ours['build']:.0f}x per image) | "
+            f"{ours['after_quantize']:.2f} / {ref['after_quantize']:.1f} "
+            f"({ref['after_quantize'] * scale / max(ours['after_quantize'], 1e-9):.0f}x per image) | "
+            f"{ours['query'] * 1e3:.2f} / {ref['query'] * 1e3:.1f} ({ref['query'] / ours['query']:.0f}x"
+            f"{', ref on fewer images' if scale > 1 else ''}) | {ours['query_quantize'] * 1e3:.2f} | "
+            f"{ours['score100'] * 1e3:.2f} | "
+            f"{ours['bytes_per_image']:.0f} / {ref['bytes_per_image']:.0f} "
+            f"({ours['bytes_per_image'] / ref['bytes_per_image']:.2f}) |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--codebooks", type=int, nargs="+", default=[4096, 65536])
+    parser.add_argument("--images", type=int, nargs="+", default=[10000, 100000])
+    parser.add_argument("--reference-images", type=int, default=10000,
+                        help="the reference indexes at most this many images (0: skip it)")
+    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--train-codebook", action="store_true",
+                        help="k-means codebook (slow on 2 cores); default: sampled descriptors")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1k words, 500 images")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.codebooks, args.images, args.reference_images, args.queries = [1024], [500], 500, 5
+    data = SyntheticData(seed=args.seed)
+    patterns = data.patterns()
+    queries = make_queries(data, patterns, args.queries, args.seed)
+    rows = []
+    for size in args.codebooks:
+        codebook = sample_codebook(data, patterns, size, args.train_codebook, args.seed)
+        for n_images in args.images:
+            n_reference = min(n_images, args.reference_images)
+            reference_chunks = []
+
+            def shared(chunks):
+                # the reference's subset reuses the quantization of the first chunks
+                for chunk in chunks:
+                    if chunk[1][0] < n_reference:
+                        reference_chunks.append(chunk)
+                    yield chunk
+
+            ours = run_ours(codebook, shared(quantized_chunks(codebook, data, patterns, n_images)),
+                            queries)
+            row = {"size": size, "ours": ours}
+            print(f"ours  K={size} images={n_images}: {ours['build']:.1f}s build, "
+                  f"{ours['after_quantize']:.2f}s after quantize, {ours['query'] * 1e3:.2f} ms query "
+                  f"({ours['query_quantize'] * 1e3:.2f} ms of it quantizing), "
+                  f"{ours['bytes_per_image']:.0f} B/image ({ours['index']})", flush=True)
+            del ours["index"]
+            if n_reference > 0:
+                reference_chunks = [(d[i < n_reference], i[i < n_reference], w[i < n_reference],
+                                     s * np.mean(i < n_reference))
+                                    for d, i, w, s in reference_chunks]
+                ref = run_reference(codebook, reference_chunks, queries)
+                del reference_chunks
+                row["ref"] = ref
+                print(f"ref   K={size} images={ref['images']}: {ref['build']:.1f}s build, "
+                      f"{ref['after_quantize']:.1f}s after quantize, {ref['query'] * 1e3:.1f} ms query, "
+                      f"{ref['bytes_per_image']:.0f} B/image", flush=True)
+            rows.append(row)
+    print()
+    print("quantizer: exact faiss IndexFlatL2 (CPU), run once per chunk and its time added to both "
+          "engines' build (same call in both); "
+          f"codebook: {'k-means' if args.train_codebook else 'sampled descriptors'}; "
+          f"{data.per_image} descriptors/image, {data.dim}-d; queries: {args.queries}")
+    print("'x per image': reference time scaled by (our images / its images) when it ran on a "
+          "subset; query latency of the reference is measured on its (smaller) index.")
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

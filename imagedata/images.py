@@ -1,0 +1,262 @@
+"""Robust image loading and small image helpers shared by the whole project.
+
+Every image enters the system through :func:`load_image`, which returns an ``(H, W, 3) uint8`` RGB
+array or raises :class:`ImageLoadError` naming the file and what is wrong. It handles EXIF
+orientation, every PIL mode (grayscale, palette, CMYK, LA/RGBA/PA alpha composited on white,
+16-bit and 32-bit integer/float images scaled to 8 bit), very large images (JPEG draft decoding
+and a decompression-bomb limit) and tiny images (upscaled so the short side reaches ``min_size``).
+A truncated or non-image file is always an error, never a silently half-decoded picture.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+logger = logging.getLogger(__name__)
+
+# Never decode a truncated file into a partially grey image: a missing tail must be an error.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass(frozen=True)
+class ImageLoadLimits:
+    """Limits applied by :func:`load_image` (one place for the numbers).
+
+    max_pixels: refuse images whose header declares more pixels than this (decompression bomb
+        protection; 250 MP covers 16k x 15k photos). For JPEGs with ``max_size`` set the limit is
+        checked against the draft-reduced size, so huge JPEGs that will be downscaled still load.
+    """
+
+    max_pixels: int = 250_000_000
+
+
+DEFAULT_LIMITS = ImageLoadLimits()
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
+
+_WHITE = (255, 255, 255)
+
+
+class ImageLoadError(ValueError):
+    """An image file could not be loaded; the message names the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot load image {self.path!s}: {reason}")
+
+
+def _to_rgb8(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (alpha composited on white, high bit depths rescaled)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        # Palette images may carry transparency; go through RGBA so it is composited.
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F") or mode.startswith("I;"):
+        array = np.asarray(img)
+        return Image.fromarray(_scale_to_uint8(array, mode), mode="L").convert("RGB")
+    if mode == "CMYK":
+        return img.convert("RGB")
+    # "L", "1", "YCbCr", "LAB", "HSV": PIL converts them correctly.
+    return img.convert("RGB")
+
+
+def _scale_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    """Map a high-bit-depth single-channel array to uint8.
+
+    Integer images are scaled by their nominal range (16-bit: /257, i.e. 65535 -> 255), so a dark
+    16-bit image stays dark; an "I"/"F" image whose values exceed 16 bits is scaled by its own
+    maximum. Float images already in [0, 1] are scaled by 255.
+    """
+    values = array.astype(np.float64)
+    if mode == "F":
+        top = 1.0 if values.size and np.nanmax(values) <= 1.0 else float(np.nanmax(values)) or 1.0
+    elif values.size and values.max() > 65535:
+        top = float(values.max())
+    elif mode == "I" and values.size and values.max() <= 255:
+        top = 255.0
+    else:
+        top = 65535.0
+    values = np.nan_to_num(values, nan=0.0)
+    return np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
+
+
+def load_image(
+    path: str | os.PathLike,
+    *,
+    max_size: int | None = None,
+    min_size: int = 16,
+    limits: ImageLoadLimits = DEFAULT_LIMITS,
+) -> np.ndarray:
+    """Load an image file as an ``(H, W, 3) uint8`` RGB array.
+
+    Args:
+        path: image file.
+        max_size: if given, the longer side is downscaled to at most this many pixels (JPEGs are
+            decoded at a reduced scale first with ``Image.draft``, so a 100 MP photo is cheap).
+        min_size: the short side is upscaled (bilinear, aspect kept) to at least this many pixels
+            so every backbone gets a usable input; a debug log line notes it.
+        limits: decompression-bomb limit (see :class:`ImageLoadLimits`).
+
+    Raises:
+        ImageLoadError: missing/empty/non-image/truncated/corrupt file, or an image over the limit.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError(path, "file does not exist" if not path.exists() else "not a regular file")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(path, "file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # We apply our own limit below; PIL's bomb warning/error would fire before draft().
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            previous_limit = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                with Image.open(path) as img:
+                    image = _decode(img, path, max_size, limits)
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous_limit
+    except ImageLoadError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageLoadError(path, "not a recognised image format (corrupt or not an image file)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+        reason = str(error) or type(error).__name__
+        if "truncated" in reason.lower() or isinstance(error, EOFError):
+            reason = f"truncated or incomplete image data ({reason})"
+        else:
+            reason = f"corrupt image data ({reason})"
+        raise ImageLoadError(path, reason) from None
+    except MemoryError:
+        raise ImageLoadError(path, "out of memory while decoding (image too large)") from None
+
+    array = np.array(image, dtype=np.uint8)  # a writable copy
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ImageLoadError(path, f"decoded to unexpected shape {array.shape}")
+    short_side = min(array.shape[:2])
+    if short_side < min_size:
+        logger.debug("upscaling tiny image %s (%dx%d) to short side %d", path, array.shape[1],
+                     array.shape[0], min_size)
+        array = resize_short_side(array, min_size)
+    return np.ascontiguousarray(array)
+
+
+def _decode(img: Image.Image, path: Path, max_size: int | None, limits: ImageLoadLimits) -> Image.Image:
+    """Decode an opened PIL image fully (draft, limit check, load, EXIF transpose, RGB, max_size)."""
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageLoadError(path, f"invalid image size {width}x{height}")
+    if max_size is not None and img.format == "JPEG" and max(width, height) > max_size:
+        # Decode at 1/2, 1/4 or 1/8 scale directly in libjpeg, keeping at least max_size pixels.
+        scale = max(width, height) / max_size
+        img.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
+        width, height = img.size
+    if width * height > limits.max_pixels:
+        raise ImageLoadError(
+            path,
+            f"image has {width}x{height} = {width * height / 1e6:.0f} MP, over the limit of "
+            f"{limits.max_pixels / 1e6:.0f} MP (possible decompression bomb; raise ImageLoadLimits.max_pixels "
+            f"if the file is genuine)",
+        )
+    img.load()  # forces full decoding; truncated data raises here
+    img = ImageOps.exif_transpose(img) or img
+    rgb = _to_rgb8(img)
+    if max_size is not None and max(rgb.size) > max_size:
+        scale = max_size / max(rgb.size)
+        new_size = (max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale)))
+        rgb = rgb.resize(new_size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return rgb
+
+
+def list_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+    """Sorted image files under ``folder`` (extensions in :data:`IMAGE_EXTENSIONS`, any case).
+
+    Hidden files (names starting with '.') are skipped. Raises FileNotFoundError for a missing folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder does not exist or is not a directory: {folder}")
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        p for p in candidates
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+    )
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3) uint8`` -> ``(3, H, W) float32`` tensor in [0, 1]."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {image.dtype}")
+    if not image.flags.writeable:
+        image = image.copy()
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+
+
+def _resize_array(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    pil = Image.fromarray(image)
+    return np.array(pil.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=2.0))
+
+
+def resize_max_side(image: np.ndarray, max_size: int, *, upscale: bool = False) -> np.ndarray:
+    """Resize an ``(H, W, 3) uint8`` image so its longer side is ``max_size`` (aspect kept).
+
+    Images already smaller are returned unchanged unless ``upscale`` is True.
+    """
+    if max_size < 1:
+        raise ValueError(f"max_size must be >= 1, got {max_size}")
+    height, width = image.shape[:2]
+    longest = max(height, width)
+    if longest == max_size or (longest < max_size and not upscale):
+        return image
+    scale = max_size / longest
+    return _resize_array(image, max(1, round(width * scale)), max(1, round(height * scale)))
+
+
+def resize_short_side(image: np.ndarray, min_size: int) -> np.ndarray:
+    """Upscale an ``(H, W, 3) uint8`` image so its shorter side is at least ``min_size`` (aspect kept)."""
+    height, width = image.shape[:2]
+    shortest = min(height, width)
+    if shortest >= min_size:
+        return image
+    scale = min_size / shortest
+    return _resize_array(image, max(min_size, round(width * scale)), max(min_size, round(height * scale)))
+
+
+def crop_to_box(image: np.ndarray, bbox: Sequence[float] | None) -> np.ndarray:
+    """Crop ``(H, W, C)`` to ``bbox = (x0, y0, x1, y1)`` in pixels (revisitop query boxes).
+
+    Coordinates are clipped to the image; fractional values are floored/ceiled outward.
+    ``None`` returns the whole image. An empty box after clipping raises ValueError.
+    """
+    if bbox is None:
+        return image
+    if len(bbox) != 4:
+        raise ValueError(f"bbox must be (x0, y0, x1, y1), got {bbox!r}")
+    height, width = image.shape[:2]
+    x0, y0, x1, y1 = (float(v) for v in bbox)
+    x0, y0 = max(0, math.floor(x0)), max(0, math.floor(y0))
+    x1, y1 = min(width, math.ceil(x1)), min(height, math.ceil(y1))
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"bbox {tuple(bbox)} is empty inside a {width}x{height} image")
+    return image[y0:y1, x0:x1]

@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Evaluate an index on a revisitop-layout dataset (DIR/jpg/*.jpg + DIR/gnd_NAME.pkl).
+
+    python pipelines/evaluate.py --dataset DIR --index INDEX_DIR [--json OUT] [--shortlist 100]
+
+Reports mAP Easy/Medium/Hard and mP@1/5/10 (queries cropped to their box, junk ignored) for the
+three modes (global only, ASMK* only, two-stage), the UKBench N-S score when the ground truth is
+groups of four, the median latency per query (extraction, stage 1, stage 2) and the index size
+per image. Build the index from DIR/jpg first (pipelines/index.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+try:
+    from pipelines._common import fail, setup_logging
+except ModuleNotFoundError:  # run as a script, the project not installed
+    from _common import fail, setup_logging
+
+from retrieval.evaluation import evaluate_index, format_evaluation
+from retrieval.searcher import MODES, Searcher
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", type=Path, required=True, help="revisitop-layout folder")
+    parser.add_argument("--index", type=Path, required=True, help="index of DATASET/jpg")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    parser.add_argument("--shortlist", type=int, help="stage-1 size (default: config, 100)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--max-queries", type=int, help="evaluate only the first N queries")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_arguments(argv)
+    setup_logging(args.verbose)
+    try:
+        report = evaluate_index(args.dataset, Searcher(args.index, device=args.device),
+                                modes=args.modes, shortlist=args.shortlist,
+                                max_queries=args.max_queries, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as error:
+        return fail(str(error))
+    print(format_evaluation(report))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2, default=float), encoding="utf-8")
+        print(f"figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

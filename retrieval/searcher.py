@@ -1,0 +1,320 @@
+"""The two-stage search engine: image(s) in, ranked results out.
+
+>>> from retrieval import search, Searcher
+>>> results = search("my_index", "query.jpg", k=10)            # one query -> SearchResults
+>>> for hit in results: print(hit.rank, hit.name, hit.score, hit.global_score, hit.asmk_score)
+>>> searcher = Searcher("my_index")                             # models loaded once, reused
+>>> many = searcher.search(["a.jpg", pil_image, array], bbox=[None, (10, 10, 200, 150), None])
+
+Stage 1: the GLAM global descriptor of the query gives a shortlist from the global index;
+stage 2: the query's MDA local features re-score the shortlist with ASMK* (``mode="two_stage"``).
+``mode="global"`` ranks by the global descriptor only, ``mode="asmk"`` by ASMK* over the whole
+collection.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from imagedata.images import ImageLoadError, crop_to_box, load_image, resize_max_side
+
+from .html import HtmlResult, write_results_page
+from .index_store import RetrievalIndex
+from .matching import match_local_features
+from .models import LocalFeatureSet
+
+MODES = ("two_stage", "asmk", "global")
+
+
+@dataclass
+class SearchHit:
+    """One result: its rank (1 = best), image name and id, final score and both stage scores.
+
+    ``matches``: (m, 4) float32 (query x, y, result x, y) of matched local features, filled when
+    the search is asked ``with_matches=True`` (query coordinates in the query as searched, i.e.
+    after the bbox crop and the max_size downscale; result ones in the indexed image).
+    """
+    rank: int
+    name: str
+    image_id: int
+    score: float
+    global_score: float
+    asmk_score: float
+    path: str | None = None
+    matches: np.ndarray | None = None
+    match_words: np.ndarray | None = None
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values.pop("match_words")
+        values["matches"] = None if self.matches is None else np.round(self.matches, 1).tolist()
+        return values
+
+
+@dataclass
+class QueryFeatures:
+    """A prepared query: the image as searched (cropped, downscaled), its features, timings."""
+    label: str
+    image: np.ndarray
+    local: LocalFeatureSet
+    global_descriptor: np.ndarray
+    extraction_seconds: float
+
+
+@dataclass
+class SearchResults:
+    """Ranked hits of one query, the mode and the stage timings (seconds)."""
+    query: str
+    hits: list[SearchHit]
+    mode: str
+    k: int
+    shortlist: int
+    timings: dict[str, float] = field(default_factory=dict)
+    query_image: np.ndarray | None = field(default=None, repr=False)
+
+    def __iter__(self):
+        return iter(self.hits)
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+    def __getitem__(self, item):
+        return self.hits[item]
+
+    @property
+    def names(self) -> list[str]:
+        return [hit.name for hit in self.hits]
+
+    def to_dict(self) -> dict:
+        return {"query": self.query, "mode": self.mode, "k": self.k, "shortlist": self.shortlist,
+                "timings": dict(self.timings), "results": [hit.to_dict() for hit in self.hits]}
+
+
+def _is_single_query(queries: Any) -> bool:
+    return not isinstance(queries, (list, tuple))
+
+
+def _query_label(query: Any, position: int) -> str:
+    if isinstance(query, (str, os.PathLike)):
+        return str(query)
+    return f"query {position + 1} ({type(query).__name__})"
+
+
+def prepare_query_image(query: Any, *, max_size: int,
+                        bbox: Sequence[float] | None = None) -> np.ndarray:
+    """A query (path, PIL image or (H, W, 3) array) as searched: RGB uint8, cropped to ``bbox``
+    (x0, y0, x1, y1 in the original image's pixels), longer side at most ``max_size``."""
+    if isinstance(query, (str, os.PathLike)):
+        image = load_image(query, max_size=None if bbox is not None else max_size)
+    elif isinstance(query, Image.Image):
+        image = np.asarray(query.convert("RGB"))
+    elif isinstance(query, np.ndarray):
+        image = query
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise ValueError(f"query array must be (H, W, 3) RGB, got shape {image.shape}")
+        image = image[:, :, :3]
+        if image.dtype != np.uint8:
+            if np.issubdtype(image.dtype, np.floating) and image.max(initial=0) <= 1.0:
+                image = image * 255.0
+            image = np.clip(image, 0, 255).astype(np.uint8)
+    else:
+        raise TypeError(f"unsupported query type {type(query).__name__}: give a path, a PIL image "
+                        "or an (H, W, 3) array")
+    image = crop_to_box(np.ascontiguousarray(image), bbox)
+    return np.ascontiguousarray(resize_max_side(image, max_size))
+
+
+class Searcher:
+    """Loads an index directory (models, codebook, two-stage index) once; answers searches.
+
+    ``index``: an index directory (``pipelines/index.py``) or a loaded :class:`RetrievalIndex`.
+    ``device``: "cpu", "cuda" or None (the index's config: "auto" = cuda when present).
+    """
+
+    def __init__(self, index: str | os.PathLike | RetrievalIndex, *, device: str | None = None):
+        self.index_directory = None if isinstance(index, RetrievalIndex) else Path(index)
+        self.index = index if isinstance(index, RetrievalIndex) else RetrievalIndex.load(
+            index, device=device)
+        self.models = self.index.models
+        self.config = self.models.config
+        self._lock = threading.Lock()  # torch modules and faiss indexes are shared per searcher
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    # ------------------------------------------------------------------ queries
+    def prepare(self, query: Any, *, bbox: Sequence[float] | None = None,
+                label: str | None = None) -> QueryFeatures:
+        """Load/crop/downscale a query and extract its local and global features."""
+        image = prepare_query_image(query, max_size=self.config.extraction.max_size, bbox=bbox)
+        start = time.perf_counter()
+        with self._lock:
+            local = self.models.local_features(image)
+            global_descriptor = self.models.global_descriptor(image)
+        return QueryFeatures(label=label or _query_label(query, 0), image=image, local=local,
+                             global_descriptor=global_descriptor,
+                             extraction_seconds=time.perf_counter() - start)
+
+    def search_features(self, query: QueryFeatures, *, k: int | None = None,
+                        shortlist: int | None = None, mode: str | None = None,
+                        with_matches: bool = False) -> SearchResults:
+        """Rank the collection for a prepared query (see :meth:`search`)."""
+        settings = self.config.search
+        k = int(k if k is not None else settings.k)
+        shortlist = int(shortlist if shortlist is not None else settings.shortlist)
+        mode = mode or settings.mode
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if k < 1 or shortlist < 1:
+            raise ValueError(f"k and shortlist must be >= 1, got k={k}, shortlist={shortlist}")
+        start = time.perf_counter()
+        with self._lock:
+            raw = self.index.two_stage.search(query.global_descriptor, query.local.descriptors,
+                                              k=k, shortlist=shortlist, mode=mode)
+        search_seconds = time.perf_counter() - start
+        hits = []
+        for position, image_id in enumerate(np.asarray(raw.ids).reshape(-1).tolist()):
+            name = self.index.name_of(image_id)
+            path = self.index.image_path(name)
+            hits.append(SearchHit(rank=position + 1, name=name, image_id=int(image_id),
+                                  score=float(np.ravel(raw.scores)[position]),
+                                  global_score=float(np.ravel(raw.global_scores)[position]),
+                                  asmk_score=float(np.ravel(raw.asmk_scores)[position]),
+                                  path=None if path is None else str(path)))
+        timings = {"extraction": query.extraction_seconds, "stage1": float(raw.stage1_seconds),
+                   "stage2": float(raw.stage2_seconds), "search": search_seconds}
+        results = SearchResults(query=query.label, hits=hits, mode=mode, k=k, shortlist=shortlist,
+                                timings=timings, query_image=query.image)
+        if with_matches:
+            self.add_matches(query, results)
+        return results
+
+    def search(self, queries: Any, *, k: int | None = None, shortlist: int | None = None,
+               mode: str | None = None, bbox: Any = None, with_matches: bool = False
+               ) -> SearchResults | list[SearchResults]:
+        """Search one query or a list of queries.
+
+        queries: a path, a PIL image or an (H, W, 3) array, or a list of them.
+        k: results per query (default config.search.k); shortlist: stage-1 size (default
+        config.search.shortlist); mode: "two_stage" | "asmk" | "global".
+        bbox: (x0, y0, x1, y1) in the query's pixels (one query), or a list with one box or None
+        per query.
+        with_matches: also find the matched local features of each hit (for display; this
+        re-extracts the hits' features from their image files).
+        Returns :class:`SearchResults` for one query, a list of them for a list.
+        """
+        single = _is_single_query(queries)
+        query_list = [queries] if single else list(queries)
+        if single or bbox is None:
+            boxes = [bbox] * len(query_list) if single else [None] * len(query_list)
+        else:
+            boxes = list(bbox)
+            if len(boxes) != len(query_list):
+                raise ValueError(f"{len(boxes)} boxes for {len(query_list)} queries")
+        results = []
+        for position, (query, box) in enumerate(zip(query_list, boxes)):
+            prepared = self.prepare(query, bbox=box, label=_query_label(query, position))
+            results.append(self.search_features(prepared, k=k, shortlist=shortlist, mode=mode,
+                                                with_matches=with_matches))
+        return results[0] if single else results
+
+    # ------------------------------------------------------------------ display
+    def indexed_image(self, name: str) -> np.ndarray | None:
+        """An indexed image as it was extracted (None when its file is no longer there)."""
+        path = self.index.image_path(name)
+        if path is None:
+            return None
+        try:
+            return load_image(path, max_size=self.config.extraction.max_size)
+        except ImageLoadError:
+            return None
+
+    def add_matches(self, query: QueryFeatures, results: SearchResults) -> None:
+        """Fill ``hit.matches`` (see :class:`SearchHit`) by re-extracting each hit's features."""
+        for hit in results.hits:
+            image = self.indexed_image(hit.name)
+            if image is None:
+                hit.matches = np.zeros((0, 4), np.float32)
+                continue
+            with self._lock:
+                features = self.models.local_features(image)
+            matches = match_local_features(query.local, features, self.models.codebook,
+                                           asmk=self.config.asmk)
+            hit.matches = matches.points(query.local, features)
+            hit.match_words = matches.word
+
+    def write_html(self, path: str | os.PathLike, results: SearchResults | Sequence[SearchResults],
+                   *, title: str = "Search results") -> Path:
+        """A self-contained HTML page of the results (run the search ``with_matches=True`` to
+        draw the matched features)."""
+        result_list = [results] if isinstance(results, SearchResults) else list(results)
+        pages = []
+        for result in result_list:
+            if result.query_image is None:
+                raise ValueError(f"{result.query}: no query image kept with these results")
+            rows = []
+            for hit in result.hits:
+                image = self.indexed_image(hit.name)
+                if image is None:
+                    image = np.full((64, 64, 3), 200, np.uint8)
+                rows.append(HtmlResult(rank=hit.rank, name=hit.name, image=image, score=hit.score,
+                                       global_score=hit.global_score, asmk_score=hit.asmk_score,
+                                       matches=(hit.matches if hit.matches is not None
+                                                else np.zeros((0, 4), np.float32)),
+                                       words=hit.match_words))
+            pages.append((result.query, result.query_image, rows))
+        note = (f"{len(self.index)} images indexed; mode {result_list[0].mode}, shortlist "
+                f"{result_list[0].shortlist}. Lines join local features quantized to the same "
+                "visual word whose ASMK* selectivity is > 0.")
+        return write_results_page(path, pages, title=title, note=note)
+
+
+_SEARCHERS: dict[tuple[str, int, str | None], Searcher] = {}
+_SEARCHERS_LOCK = threading.Lock()
+
+
+def get_searcher(index: str | os.PathLike | RetrievalIndex | Searcher, *,
+                 device: str | None = None) -> Searcher:
+    """A cached :class:`Searcher` per index directory (models are loaded once per process; an
+    index directory rewritten since, e.g. by ``--append``, is loaded again)."""
+    if isinstance(index, Searcher):
+        return index
+    if isinstance(index, RetrievalIndex):
+        return Searcher(index)
+    directory = Path(index).resolve()
+    manifest = directory / "manifest.json"
+    key = (str(directory), manifest.stat().st_mtime_ns if manifest.is_file() else 0, device)
+    with _SEARCHERS_LOCK:
+        if key not in _SEARCHERS:
+            for stale in [other for other in _SEARCHERS if other[0] == key[0]]:
+                del _SEARCHERS[stale]
+            _SEARCHERS[key] = Searcher(index, device=device)
+        return _SEARCHERS[key]
+
+
+def clear_searcher_cache() -> None:
+    """Forget cached searchers (e.g. after an index directory was rebuilt)."""
+    with _SEARCHERS_LOCK:
+        _SEARCHERS.clear()
+
+
+def search(index: str | os.PathLike | RetrievalIndex | Searcher, queries: Any, *,
+           k: int | None = None, shortlist: int | None = None, mode: str | None = None,
+           bbox: Any = None, with_matches: bool = False, device: str | None = None
+           ) -> SearchResults | list[SearchResults]:
+    """Two-stage search of ``queries`` in ``index`` (see :meth:`Searcher.search`)."""
+    return get_searcher(index, device=device).search(queries, k=k, shortlist=shortlist, mode=mode,
+                                                     bbox=bbox, with_matches=with_matches)
+
+
+__all__ = ["Searcher", "SearchResults", "SearchHit", "QueryFeatures", "search", "get_searcher",
+           "clear_searcher_cache", "prepare_query_image", "MODES"]

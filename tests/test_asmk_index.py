@@ -1,0 +1,366 @@
+"""AsmkIndex behaviour: self-match, invariances, incremental add/remove, score() == search(),
+persistence and corruption, and that every bad input leaves the index exactly as it was."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from asmk_index.asmk import AsmkIndex
+from asmk_index.codebook import Codebook
+from asmk_index.persistence import IndexFormatError
+
+DIM = 32
+WORDS = 64
+
+
+def clustered_images(n_images: int, per_image: int, dim: int = DIM, *, seed: int = 0,
+                     n_patterns: int = 200, patterns_per_image: int = 6, noise: float = 0.15):
+    """Synthetic local descriptors: each image draws from a few random unit 'patterns'.
+
+    Returns (descriptors (n_images * per_image, dim) float32, image index (n,) int64, patterns).
+    """
+    rng = np.random.default_rng(seed)
+    patterns = rng.standard_normal((n_patterns, dim)).astype(np.float32)
+    patterns /= np.linalg.norm(patterns, axis=1, keepdims=True)
+    chosen = rng.integers(0, n_patterns, (n_images, patterns_per_image))
+    which = rng.integers(0, patterns_per_image, (n_images, per_image))
+    centers = patterns[np.take_along_axis(chosen, which, axis=1).reshape(-1)]
+    descriptors = centers + noise * rng.standard_normal(centers.shape).astype(np.float32)
+    descriptors /= np.linalg.norm(descriptors, axis=1, keepdims=True)
+    return descriptors.astype(np.float32), np.repeat(np.arange(n_images), per_image), patterns
+
+
+def perturbed(descriptors: np.ndarray, seed: int, scale: float = 0.02) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (descriptors + scale * rng.standard_normal(descriptors.shape)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    descriptors, image, _ = clustered_images(120, 40)
+    ids = 1000 + 7 * image  # user ids are arbitrary integers
+    codebook = Codebook.train(descriptors, WORDS, seed=0)
+    return codebook, descriptors, ids
+
+
+@pytest.fixture(params=[True, False], ids=["binary", "real"])
+def built(request, dataset):
+    codebook, descriptors, ids = dataset
+    index = AsmkIndex(codebook, binary=request.param)
+    index.add(descriptors, ids)
+    return index, descriptors, ids
+
+
+def snapshot(index: AsmkIndex, probe: np.ndarray):
+    """Everything observable about an index, to compare before/after a failed call."""
+    ids, scores = index.search(probe, 1000) if len(index) else (np.zeros(0), np.zeros(0))
+    return (index.image_ids.tolist(), ids.tolist(), scores.tolist(), index.memory_bytes(),
+            index.n_vectors, len(index._segments))
+
+
+def scores_by_id(index: AsmkIndex, query: np.ndarray) -> dict:
+    ids, scores = index.search(query, len(index))
+    return dict(zip(ids.tolist(), scores.tolist()))
+
+
+def test_self_match_scores_highest(built):
+    index, descriptors, ids = built
+    for image_id in np.unique(ids)[::10]:
+        query = perturbed(descriptors[ids == image_id], seed=int(image_id))
+        top_ids, top_scores = index.search(query, 5)
+        assert top_ids[0] == image_id
+        assert top_scores[0] > top_scores[1] and np.all(np.diff(top_scores) <= 0)
+
+
+def test_search_returns_k_sorted_with_ties_by_lower_id(built):
+    index, descriptors, ids = built
+    query = descriptors[ids == ids[0]]
+    top_ids, top_scores = index.search(query, len(index) + 50)
+    assert top_ids.dtype == np.int64 and top_ids.shape == (len(index),)
+    assert set(top_ids.tolist()) == set(np.unique(ids).tolist())
+    for position in range(len(top_ids) - 1):
+        assert (top_scores[position] > top_scores[position + 1]
+                or (top_scores[position] == top_scores[position + 1]
+                    and top_ids[position] < top_ids[position + 1]))
+    assert np.isfinite(top_scores).all()
+
+
+def test_score_equals_search_scores(built):
+    index, descriptors, ids = built
+    query = perturbed(descriptors[ids == ids[400]], seed=3)
+    all_scores = scores_by_id(index, query)
+    candidates = np.unique(ids)[[5, 0, 77, 3, 119, 5]]  # any order, repeats allowed
+    scores = index.score(query, candidates)
+    assert scores.tolist() == [all_scores[c] for c in candidates.tolist()]  # bit-identical
+
+
+def test_descriptor_order_within_image_and_image_add_order_do_not_matter(dataset):
+    codebook, descriptors, ids = dataset
+    reference = AsmkIndex(codebook)
+    reference.add(descriptors, ids)
+    rng = np.random.default_rng(1)
+    shuffled_order = rng.permutation(descriptors.shape[0])  # images interleaved, rows shuffled
+    shuffled = AsmkIndex(codebook)
+    shuffled.add(descriptors[shuffled_order], ids[shuffled_order])
+    query = perturbed(descriptors[ids == ids[-1]], seed=5)
+    expected = scores_by_id(reference, query)
+    got = scores_by_id(shuffled, query)
+    assert got.keys() == expected.keys()
+    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-12)
+    permuted_query = query[rng.permutation(query.shape[0])]
+    np.testing.assert_allclose(reference.search(permuted_query, 20)[1],
+                               reference.search(query, 20)[1], rtol=1e-12)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(splits=st.lists(st.integers(min_value=1, max_value=119), max_size=6, unique=True),
+       use_idf=st.booleans(), binary=st.booleans())
+def test_adding_in_several_calls_equals_one_call(dataset, splits, use_idf, binary):
+    codebook, descriptors, ids = dataset
+    one = AsmkIndex(codebook, use_idf=use_idf, binary=binary)
+    one.add(descriptors, ids)
+    several = AsmkIndex(codebook, use_idf=use_idf, binary=binary)
+    image_bounds = [0] + sorted(splits) + [120]
+    for start, stop in zip(image_bounds[:-1], image_bounds[1:]):
+        rows = slice(start * 40, stop * 40)
+        several.add(descriptors[rows], ids[rows])
+    assert len(several._segments) <= 1 + int(np.log2(len(image_bounds))) + 1
+    assert several.image_ids.tolist() == one.image_ids.tolist()
+    query = perturbed(descriptors[ids == ids[40 * 17]], seed=9)
+    one_ids, one_scores = one.search(query, 30)
+    several_ids, several_scores = several.search(query, 30)
+    assert one_ids.tolist() == several_ids.tolist()
+    np.testing.assert_allclose(several_scores, one_scores, rtol=1e-12)
+    candidates = one_ids[::3]
+    np.testing.assert_allclose(several.score(query, candidates), one.score(query, candidates),
+                               rtol=1e-12)
+
+
+def test_many_small_adds_keep_few_segments(dataset):
+    codebook, descriptors, ids = dataset
+    index = AsmkIndex(codebook)
+    for image in range(120):
+        rows = slice(image * 40, (image + 1) * 40)
+        index.add(descriptors[rows], ids[rows])
+    assert len(index) == 120 and len(index._segments) <= 8
+    one = AsmkIndex(codebook)
+    one.add(descriptors, ids)
+    query = descriptors[:40]
+    assert index.search(query, 120)[0].tolist() == one.search(query, 120)[0].tolist()
+
+
+def test_remove_purges_images_and_keeps_other_scores(built):
+    index, descriptors, ids = built
+    query = perturbed(descriptors[ids == ids[0]], seed=11)
+    before = scores_by_id(index, query)
+    removed = np.unique(ids)[[0, 3, 4, 50, 119]]
+    memory_before = index.memory_bytes()
+    index.remove(removed)
+    assert len(index) == 115 and not index.contains(removed).any()
+    after = scores_by_id(index, query)
+    assert not set(removed.tolist()) & set(after)
+    assert all(after[k] == before[k] for k in after)  # idf off: other scores unchanged
+    assert index.memory_bytes() < memory_before
+    keep = ~np.isin(ids, removed)
+    rebuilt = AsmkIndex(index.codebook, binary=index.params.binary)
+    rebuilt.add(descriptors[keep], ids[keep])
+    assert rebuilt.search(query, 40)[0].tolist() == index.search(query, 40)[0].tolist()
+    assert index.score(query, ids[keep][:50:10]).tolist() == [after[i] for i in ids[keep][:50:10]]
+
+
+def test_remove_with_idf_matches_rebuilt_index(dataset):
+    codebook, descriptors, ids = dataset
+    index = AsmkIndex(codebook, use_idf=True)
+    index.add(descriptors[:2400], ids[:2400])
+    index.add(descriptors[2400:], ids[2400:])
+    removed = np.unique(ids)[::4]
+    index.remove(removed)
+    keep = ~np.isin(ids, removed)
+    rebuilt = AsmkIndex(codebook, use_idf=True)
+    rebuilt.add(descriptors[keep], ids[keep])
+    query = perturbed(descriptors[ids == ids[41]], seed=2)
+    got, expected = scores_by_id(index, query), scores_by_id(rebuilt, query)
+    assert got.keys() == expected.keys()
+    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-10)
+    index.remove(index.image_ids)
+    assert len(index) == 0 and index.search(query, 5)[0].size == 0
+
+
+def test_state_queries(built):
+    index, descriptors, ids = built
+    unique = np.unique(ids)
+    assert len(index) == unique.size and index.image_ids.tolist() == unique.tolist()
+    assert index.contains([unique[3], -5]).tolist() == [True, False]
+    assert index.memory_bytes() > 0 and index.bytes_per_image() == index.memory_bytes() / len(index)
+    assert "AsmkIndex(images=120" in repr(index)
+
+
+def test_nonzero_norm_guard_with_idf_word_in_every_image(dataset):
+    """A word present in every image has idf 0; images made only of it must not give NaN."""
+    codebook, _, _ = dataset
+    centroid = codebook.centroids[0]
+    same = np.repeat(centroid[None] + 0.01, 6, axis=0).astype(np.float32)
+    index = AsmkIndex(codebook, use_idf=True)
+    index.add(np.concatenate([same, same]), np.repeat([1, 2], 6))
+    ids, scores = index.search(same, 2)
+    assert np.isfinite(scores).all() and scores.tolist() == [0.0, 0.0]
+
+
+def test_odd_dimension_codes(dataset):
+    descriptors, image, _ = clustered_images(30, 20, dim=40, seed=4)
+    codebook = Codebook.train(descriptors, 32, seed=1)
+    index = AsmkIndex(codebook)
+    index.add(descriptors, image)
+    query = perturbed(descriptors[image == 7], seed=1)
+    top_ids, top_scores = index.search(query, 3)
+    assert top_ids[0] == 7 and top_scores[0] <= 1.0 + 1e-12
+    assert index.score(query, top_ids).tolist() == top_scores.tolist()
+    assert index._segments[0].codes.shape[1] == 1  # 40 bits in one uint64
+
+
+@pytest.mark.parametrize("use_idf", [False, True])
+def test_save_load_round_trip(tmp_path, dataset, use_idf):
+    codebook, descriptors, ids = dataset
+    index = AsmkIndex(codebook, use_idf=use_idf, alpha=2.0, similarity_threshold=0.1,
+                      query_multiple_assignment=3)
+    index.add(descriptors[:1600], ids[:1600])
+    index.add(descriptors[1600:], ids[1600:])
+    index.remove(ids[[0, 2000]])
+    index.save(tmp_path / "index")
+    loaded = AsmkIndex.load(tmp_path / "index")
+    assert loaded.params == index.params and loaded.codebook.hash == codebook.hash
+    assert loaded.image_ids.tolist() == index.image_ids.tolist()
+    query = perturbed(descriptors[ids == ids[800]], seed=4)
+    for got, expected in zip(loaded.search(query, 50), index.search(query, 50)):
+        assert got.tolist() == expected.tolist()
+    index.save(tmp_path / "index")  # overwrite in place
+    assert AsmkIndex.load(tmp_path / "index").image_ids.tolist() == index.image_ids.tolist()
+
+
+def _saved(tmp_path, dataset) -> tuple:
+    codebook, descriptors, ids = dataset
+    index = AsmkIndex(codebook)
+    index.add(descriptors, ids)
+    directory = tmp_path / "index"
+    index.save(directory)
+    return directory, json.loads((directory / "manifest.json").read_text())
+
+
+def _flip_byte(path, offset_from_end=5):
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_array_file_is_detected(tmp_path, dataset):
+    directory, _ = _saved(tmp_path, dataset)
+    _flip_byte(directory / "segment000_codes.npy")
+    with pytest.raises(IndexFormatError, match="checksum"):
+        AsmkIndex.load(directory)
+
+
+def test_truncated_codebook_is_detected(tmp_path, dataset):
+    directory, _ = _saved(tmp_path, dataset)
+    path = directory / "codebook.npz"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(IndexFormatError, match="corrupt"):
+        AsmkIndex.load(directory)
+
+
+def test_replaced_codebook_is_detected(tmp_path, dataset):
+    directory, _ = _saved(tmp_path, dataset)
+    other = Codebook.from_centroids(dataset[0].centroids + 1.0)
+    other.save(directory / "codebook.npz")
+    with pytest.raises(IndexFormatError, match="mismatch"):
+        AsmkIndex.load(directory)
+
+
+def test_inconsistent_manifest_is_detected(tmp_path, dataset):
+    directory, manifest = _saved(tmp_path, dataset)
+    manifest["counts"]["images"] += 1
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexFormatError, match="mismatch"):
+        AsmkIndex.load(directory)
+    (directory / "manifest.json").write_text("{not json")
+    with pytest.raises(IndexFormatError, match="corrupt"):
+        AsmkIndex.load(directory)
+
+
+def test_missing_array_file_is_detected(tmp_path, dataset):
+    directory, _ = _saved(tmp_path, dataset)
+    (directory / "segment000_docs.npy").unlink()
+    with pytest.raises(IndexFormatError, match="corrupt"):
+        AsmkIndex.load(directory)
+
+
+def test_bad_inputs_leave_index_unchanged(dataset):
+    codebook, descriptors, ids = dataset
+    index = AsmkIndex(codebook)
+    index.add(descriptors[:2400], ids[:2400])
+    probe = descriptors[:40]
+    before = snapshot(index, probe)
+    new_rows = descriptors[2400:2440]
+    nan_rows = new_rows.copy()
+    nan_rows[3, 5] = np.nan
+    inf_rows = new_rows.copy()
+    inf_rows[0, 0] = np.inf
+    failing_calls = [
+        (ValueError, lambda: index.add(new_rows[:, :16], np.full(40, 5))),  # wrong dimension
+        (ValueError, lambda: index.add(nan_rows, np.full(40, 5))),
+        (ValueError, lambda: index.add(inf_rows, np.full(40, 5))),
+        (ValueError, lambda: index.add(np.zeros((0, DIM), np.float32), np.zeros(0, int))),
+        (ValueError, lambda: index.add(new_rows, np.full(39, 5))),  # one id per descriptor
+        (ValueError, lambda: index.add(new_rows, np.full(40, 0.5))),  # non-integer ids
+        (ValueError, lambda: index.add(new_rows, np.full(40, ids[0]))),  # already indexed
+        (ValueError, lambda: index.add(new_rows[0], [5])),  # 1-D descriptors
+        (ValueError, lambda: index.add(new_rows, np.full(40, 5), words=np.zeros((40, 2)))),
+        (ValueError, lambda: index.add(new_rows, np.full(40, 5),
+                                       words=np.full((40, 1), WORDS))),
+        (KeyError, lambda: index.remove([ids[0], 123456789])),  # one unknown id: nothing removed
+        (KeyError, lambda: index.score(probe, [ids[0], -1])),
+        (ValueError, lambda: index.search(np.zeros((0, DIM), np.float32), 5)),
+        (ValueError, lambda: index.search(probe, 0)),
+        (ValueError, lambda: index.search(probe[:, :8], 5)),
+        (ValueError, lambda: index.score(np.full((3, DIM), np.nan, np.float32), ids[:1])),
+    ]
+    for error, call in failing_calls:
+        with pytest.raises(error):
+            call()
+        assert snapshot(index, probe) == before
+    with pytest.raises(KeyError, match="123456789"):
+        index.remove([123456789])
+
+
+def test_constructor_rejects_bad_parameters(dataset):
+    codebook, _, _ = dataset
+    with pytest.raises(ValueError):
+        AsmkIndex(codebook, multiple_assignment=0)
+    with pytest.raises(ValueError):
+        AsmkIndex(codebook, query_multiple_assignment=WORDS + 1)
+    with pytest.raises(ValueError):
+        AsmkIndex(codebook, alpha=-1.0)
+    with pytest.raises(ValueError):
+        AsmkIndex(codebook, similarity_threshold=-0.5, alpha=2.5)
+    with pytest.raises(TypeError):
+        AsmkIndex(codebook.centroids)
+
+
+def test_codebook_of_another_dimension_is_rejected(dataset):
+    _, descriptors, ids = dataset
+    small = Codebook.from_centroids(np.eye(16, dtype=np.float32))
+    index = AsmkIndex(small)
+    with pytest.raises(ValueError, match="dimensionality"):
+        index.add(descriptors, ids)
+    assert len(index) == 0
+
+
+def test_empty_index_search(dataset):
+    codebook, descriptors, _ = dataset
+    index = AsmkIndex(codebook)
+    ids, scores = index.search(descriptors[:10], 5)
+    assert ids.size == 0 and scores.size == 0 and len(index) == 0
+    assert index.score(descriptors[:10], []).size == 0

@@ -102,6 +102,11 @@ cdef extern from *:
     ASMK_DEFINE_SCORE_BINARY(asmk_score_binary_popcnt, ASMK_POPCNT_ATTR)
     ASMK_DEFINE_SCORE_BINARY(asmk_score_binary_generic, )
 
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    static const uint8_t asmk_reverse4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+    #endif
+
     /* Residual sums per run of (descriptor, word) pairs; see aggregate_residuals(). */
     static void asmk_aggregate(const float *restrict X, const float *restrict C, int64_t D,
                                const int64_t *restrict pair_descriptor,
@@ -123,7 +128,15 @@ cdef extern from *:
                 for (int64_t k = 0; k < W; ++k) {
                     uint64_t bits = 0;
                     const int64_t stop = (k + 1) * 64 < D ? (k + 1) * 64 : D;
-                    for (int64_t j = k * 64; j < stop; ++j)
+                    int64_t j = k * 64;
+    #if defined(__SSE2__)
+                    const __m128 zero = _mm_setzero_ps();
+                    for (; j + 4 <= stop; j += 4) {  /* 4 sign bits at once, MSB first */
+                        const int mask = _mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(acc + j), zero));
+                        bits |= (uint64_t)asmk_reverse4[mask] << (60 - (j & 63));
+                    }
+    #endif
+                    for (; j < stop; ++j)
                         bits |= (uint64_t)(acc[j] > 0.0f) << (63 - (j & 63));
                     out[k] = bits;
                 }

@@ -118,7 +118,7 @@ class Backbone(nn.Module):
     """Feature extractor: ``(B, 3, H, W)`` RGB in [0, 1] -> ``(B, C, ceil(H/stride), ceil(W/stride))``.
 
     Attributes: ``out_channels`` (C), ``stride`` (16 or 32), ``config`` (BackboneConfig).
-    Built by :func:`build_backbone`; subclasses provide ``stages`` (an ordered ModuleList).
+    Built by :func:`build_backbone`; subclasses provide ``stage_modules()`` and ``features()``.
     """
 
     out_channels: int
@@ -142,6 +142,23 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     # -- common ---------------------------------------------------------------------------------
+    def _load_configured_weights(self, native: nn.Module, native_ignore: tuple[str, ...]) -> None:
+        """Load ``config.weights`` ('random' or a file) once the stages are built.
+
+        A file may hold the native full network's state_dict (torchvision / efficientnet_lite_pytorch
+        key names; the classifier is ignored) or this Backbone's own ``state_dict()`` (keys
+        ``stem.*``, e.g. a fine-tuned backbone saved by our training code).
+        """
+        weights = self.config.weights
+        if weights == "random":
+            logger.warning("backbone %s: random initialisation (weights='random')", self.config.name)
+            return
+        state_dict = _load_checkpoint_state_dict(weights)
+        if any(key.startswith("stem.") for key in state_dict):
+            _load_into(self, state_dict, str(weights))
+        else:
+            _load_into(native, state_dict, str(weights), ignore_prefixes=native_ignore)
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Apply this backbone's input normalisation to RGB images in [0, 1]."""
         return (images - self.input_mean) / self.input_std
@@ -156,15 +173,11 @@ class Backbone(nn.Module):
         return math.ceil(height / self.stride), math.ceil(width / self.stride)
 
     def _apply_trainability(self) -> None:
-        stages = self.stage_modules()
-        n_train = self.config.train_layers
-        if n_train is not None:
-            if n_train < 0:
-                raise ValueError(f"train_layers must be >= 0 or None, got {n_train}")
-            frozen = stages[: max(0, len(stages) - n_train)]
-            for stage in frozen:
-                for parameter in stage.parameters():
-                    parameter.requires_grad_(False)
+        if self.config.train_layers is not None and self.config.train_layers < 0:
+            raise ValueError(f"train_layers must be >= 0 or None, got {self.config.train_layers}")
+        for stage in self.frozen_stage_modules():
+            for parameter in stage.parameters():
+                parameter.requires_grad_(False)
         if self.config.freeze_bn:
             for module in self.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -172,6 +185,7 @@ class Backbone(nn.Module):
                         parameter.requires_grad_(False)
 
     def frozen_stage_modules(self) -> list[nn.Module]:
+        """Stages frozen by ``config.train_layers`` (all but the last ``train_layers``)."""
         n_train = self.config.train_layers
         stages = self.stage_modules()
         return [] if n_train is None else stages[: max(0, len(stages) - n_train)]
@@ -202,7 +216,6 @@ class EfficientNetLiteBackbone(Backbone):
         model_name = config.name.replace("_", "-")
         # image_size=None -> dynamic TF "SAME" padding: correct for every input size.
         net = EfficientNet.from_name(model_name, image_size=None)
-        self._load_weights(net, config)
         self.drop_connect_rate = float(net._global_params.drop_connect_rate or 0.0)
         self.n_blocks_total = len(net._blocks)
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
@@ -233,21 +246,13 @@ class EfficientNetLiteBackbone(Backbone):
         else:
             self.head = None
             self.out_channels = self.blocks[-1][-1]._bn2.num_features
-        self._apply_trainability()
-
-    @staticmethod
-    def _load_weights(net: nn.Module, config: BackboneConfig) -> None:
-        if config.weights == "random":
-            logger.warning("backbone %s: random initialisation (weights='random')", config.name)
-            return
         if config.weights is None:
             path = packaged_weights_path(config.name)
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-            source = f"packaged weights {path}"
+            _load_into(net, torch.load(path, map_location="cpu", weights_only=True), f"packaged weights {path}",
+                       ignore_prefixes=("_fc.",))
         else:
-            state_dict = _load_checkpoint_state_dict(config.weights)
-            source = str(config.weights)
-        _load_into(net, state_dict, source, ignore_prefixes=("_fc.",))
+            self._load_configured_weights(net, native_ignore=("_fc.",))
+        self._apply_trainability()
 
     def stage_modules(self) -> list[nn.Module]:
         stages: list[nn.Module] = [self.stem, *self.blocks]
@@ -260,7 +265,7 @@ class EfficientNetLiteBackbone(Backbone):
         index = 0
         for stage in self.blocks:
             for block in stage:
-                rate = self.drop_connect_rate * index / self.n_blocks_total if self.training else None
+                rate = self.drop_connect_rate * index / self.n_blocks_total if block.training else None
                 x = block(x, drop_connect_rate=rate)
                 index += 1
         if self.head is not None:
@@ -280,17 +285,13 @@ class ResNetBackbone(Backbone):
             raise ValueError(
                 f"{config.name} needs a local weights file: pass weights=PATH (a torchvision state_dict, "
                 "e.g. resnet50-*.pth) or weights='random' explicitly; nothing is downloaded")
-        if config.weights == "random":
-            logger.warning("backbone %s: random initialisation (weights='random')", config.name)
-        else:
-            _load_into(net, _load_checkpoint_state_dict(config.weights), str(config.weights),
-                       ignore_prefixes=("fc.",))
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         layers = [net.layer1, net.layer2, net.layer3]
         if config.tap == "stride32":
             layers.append(net.layer4)
         self.layers = nn.ModuleList(layers)
         self.out_channels = layers[-1][-1].conv3.out_channels
+        self._load_configured_weights(net, native_ignore=("fc.",))
         self._apply_trainability()
 
     def stage_modules(self) -> list[nn.Module]:

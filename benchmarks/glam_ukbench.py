@@ -3,10 +3,10 @@
 Both models share one backbone instance (identical weights). Per image and scale we extract the
 pooled (pre-FC) vectors once per model and derive:
   * "+ L2"      : mean over scales of L2(pooled), L2 (no FC),
-  * "+ PCA-w"   : the model's FC fitted by `fit_whitening_from_descriptors` on all images' per-scale
-                  vectors (the user's own database, as HOW does), per-scale FC + L2, mean, L2
-                  (this is exactly what `extract_global_descriptor` returns after `fit_whitening`).
-Usage: python benchmarks/glam_ukbench.py [--data DIR] [--max-size 320] [--limit N] [--threads 2]
+  * "+ PCA-w pP sS": the model's FC (whitening power P, shrinkage S; the first row is GlamConfig's
+                  default) fitted by `fit_whitening_from_descriptors` on all images' per-scale vectors
+                  (the user's own database, as HOW does), per-scale FC + L2, mean, L2 (exactly what `extract_global_descriptor` returns after `fit_whitening`).
+Usage: python benchmarks/glam_ukbench.py [--data DIR] [--max-size 320] [--limit N] [--threads 1] [--whitening P:S ...]
 """
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="use the first N images (multiple of 4)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 avoids OpenMP spinning on a shared 2-core machine)")
-    parser.add_argument("--whitening-shrinkage", type=float, default=None, help="override GlamConfig's")
-    parser.add_argument("--whitening-power", type=float, default=None, help="override GlamConfig's")
+    parser.add_argument("--whitening", nargs="*", default=[],
+                        help="extra FC initialisations to compare, as POWER:SHRINKAGE (e.g. 0.5:1 0:0)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,16 +81,13 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     config = GlamConfig()
-    if args.whitening_shrinkage is not None:
-        config.whitening_shrinkage = args.whitening_shrinkage
-    if args.whitening_power is not None:
-        config.whitening_power = args.whitening_power
+    settings = [(config.whitening_power, config.whitening_shrinkage)]
+    settings += [tuple(float(v) for v in item.split(":")) for item in args.whitening]
     glam = GlamModel(config).eval()
     gem = GlamModel(glam.config.gem_baseline(), backbone=glam.backbone).eval()
     print(f"ukbench-dev: {len(paths)} images, backbone {glam.config.backbone.name} {glam.config.backbone.tap}, "
           f"max side {extraction.max_size}, scales {tuple(round(s, 3) for s in extraction.scales)}, "
-          f"{torch.get_num_threads()} threads; whitening power {config.whitening_power} shrinkage "
-          f"{config.whitening_shrinkage}; fusion weights (w_l, w_g, w) = "
+          f"{torch.get_num_threads()} threads; fusion weights (w_l, w_g, w) = "
           f"{tuple(round(float(w), 3) for w in glam.head.fusion_weights().detach())}")
 
     rows = []
@@ -98,17 +95,20 @@ def main() -> None:
     for (name, model), (pooled, seconds) in zip((("GeM", gem), ("GLAM (untrained)", glam)), results):
         n, s, c = pooled.shape
         plain = l2n(l2n(pooled, dim=2).mean(dim=1)).numpy()
-        model.fit_whitening_from_descriptors(pooled.reshape(n * s, c))
-        with torch.no_grad():
-            whitened = l2n(model.project(pooled.reshape(n * s, c)).reshape(n, s, -1).mean(dim=1)).numpy()
-        for variant, desc in ((f"{name} + L2 ({c}-d)", plain), (f"{name} + PCA-w ({model.output_dim}-d)", whitened)):
-            m_ap, ns = evaluate(desc, dataset)
-            rows.append((variant, m_ap, ns, 1000.0 * seconds))
+        rows.append((f"{name} + L2 ({c}-d)", *evaluate(plain, dataset), 1000.0 * seconds))
+        for power, shrinkage in settings:
+            model.config.whitening_power, model.config.whitening_shrinkage = power, shrinkage
+            model.fit_whitening_from_descriptors(pooled.reshape(n * s, c))
+            with torch.no_grad():
+                whitened = l2n(model.project(pooled.reshape(n * s, c)).reshape(n, s, -1).mean(dim=1)).numpy()
+            label = f"{name} + PCA-w p{power:g} s{shrinkage:g} ({model.output_dim}-d)"
+            rows.append((label, *evaluate(whitened, dataset), 1000.0 * seconds))
+        model.config.whitening_power, model.config.whitening_shrinkage = settings[0]
 
-    print(f"\n{'descriptor':34s} {'mAP':>7s} {'N-S':>6s} {'ms/img':>8s}")
+    print(f"\n{'descriptor':44s} {'mAP':>7s} {'N-S':>6s} {'ms/img':>8s}")
     for variant, m_ap, ns, ms in rows:
-        print(f"{variant:34s} {m_ap:7.2f} {ns:6.3f} {ms:8.1f}")
-    gem_w, glam_w = rows[1], rows[3]
+        print(f"{variant:44s} {m_ap:7.2f} {ns:6.3f} {ms:8.1f}")
+    gem_w, glam_w = rows[1], rows[2 + len(settings)]  # the default whitening of each model
     print(f"\nGLAM / GeM (PCA-w): mAP {glam_w[1] - gem_w[1]:+.2f} points, N-S {glam_w[2] - gem_w[2]:+.3f}, "
           f"time x{glam_w[3] / gem_w[3]:.2f}")
 

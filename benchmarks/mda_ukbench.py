@@ -36,13 +36,14 @@ from mda.model import MdaModel  # noqa: E402
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ukbench-dev"
 
 
-def run_variant(tap: str, heads: int, paths: list[Path], gnd, args) -> dict:
+def run_variant(tap: str, heads: int, scale_factor: float, paths: list[Path], gnd, args) -> dict:
     torch.manual_seed(0)
     model = MdaModel(MdaConfig(backbone=BackboneConfig(tap=tap), num_heads=heads))
-    extraction = ExtractionConfig(scales=tuple(args.scales), max_size=args.max_size, top_n=args.top_n)
+    extraction = ExtractionConfig(scales=tuple(s * scale_factor for s in args.scales), max_size=args.max_size,
+                                  top_n=args.top_n)
     tick = time.perf_counter()
     used = model.fit_reduction(paths, max_images=args.fit_images, features_per_image=args.fit_features,
-                               scales=(1.0,), max_size=args.max_size)
+                               scales=(scale_factor,), max_size=args.max_size)
     fit_s = time.perf_counter() - tick
     descriptors, ids, per_image, per_scale = [], [], [], {s: [] for s in extraction.scales}
     counts = []
@@ -70,12 +71,12 @@ def run_variant(tap: str, heads: int, paths: list[Path], gnd, args) -> dict:
     search_s = time.perf_counter() - tick
     result = evaluate_revisitop(ranks, gnd, query_major=True)
     return {
-        "variant": f"lite0 {tap} N={heads}", "C_s": model.head.in_channels,
+        "variant": f"lite0 {tap} N={heads}" + (f" scales x{scale_factor:g}" if scale_factor != 1 else ""), "C_s": model.head.in_channels,
         "features": float(np.mean(counts)), "mAP_E": result["mAP"]["easy"], "mAP_M": result["mAP"]["medium"],
         "mP@1_E": result["mP@k"]["easy"][1],
         "NS": ukbench_ns_score(ranks, 4, query_major=True),
         "ms_image": 1000 * float(np.median(per_image)),
-        "ms_scale": {s: 1000 * float(np.median(v)) for s, v in per_scale.items() if v},
+        "ms_scale": {s / scale_factor: 1000 * float(np.median(v)) for s, v in per_scale.items() if v},
         "fit_s": fit_s, "fit_vectors": used, "codebook_s": codebook_s, "search_ms": 1000 * search_s / len(paths),
     }
 
@@ -91,7 +92,8 @@ def main(argv=None) -> None:
     parser.add_argument("--fit-features", type=int, default=100)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N photos (multiple of 4)")
     parser.add_argument("--variants", nargs="+", default=["stride16:4", "stride32:4", "stride16:1", "stride16:8"],
-                        help="TAP:HEADS items")
+                        help="TAP:HEADS[:SCALE_FACTOR] items (SCALE_FACTOR multiplies every pyramid scale, "
+                             "e.g. stride32:4:2 gives stride 32 the feature grid of stride 16)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch/faiss CPU threads (1 is far faster on a shared, oversubscribed machine)")
     args = parser.parse_args(argv)
@@ -111,14 +113,14 @@ def main(argv=None) -> None:
           f"{args.threads} CPU thread(s) (shared machine)", flush=True)
     rows = []
     for item in args.variants:
-        tap, heads = item.split(":")
-        row = run_variant(tap, int(heads), paths, gnd, args)
+        tap, heads, *factor = item.split(":")
+        row = run_variant(tap, int(heads), float(factor[0]) if factor else 1.0, paths, gnd, args)
         rows.append(row)
         print(f"done {row['variant']}: {row}", flush=True)
     base = rows[0]
     scales = args.scales
     header = (f"| variant | C_s | feats/img | mAP E | mAP M | mP@1 E | N-S | ms/img | ratio | "
-              + " | ".join(f"ms @{s}" for s in scales) + " |")
+              + " | ".join(f"ms @{s} (x factor)" for s in scales) + " |")
     print()
     print(header)
     print("|" + "---|" * (header.count("|") - 1))

@@ -41,8 +41,9 @@ class GlamConfig:
     output_dim: descriptor size (FC output).
     gem_p, gem_learn_p, gem_eps: GeM pooling.
     whitening_power: 0.5 = full PCA-whitening of the FC initialisation, 0 = PCA rotation only.
-    whitening_shrinkage: added to every eigenvalue, as a fraction of the mean eigenvalue, so the
-        weak components (e.g. when fitting on fewer images than output_dim) are not blown up.
+    whitening_shrinkage: added to every eigenvalue before whitening, as a fraction of the mean of
+        the kept eigenvalues (the top min(output_dim, N - 1)); softens the whitening so that few
+        fitting images (or weak components) are not blown up. 0 = plain whitening.
     """
 
     backbone: BackboneConfig = field(default_factory=_default_backbone)
@@ -61,7 +62,7 @@ class GlamConfig:
     gem_learn_p: bool = True
     gem_eps: float = 1e-6
     whitening_power: float = 0.5
-    whitening_shrinkage: float = 0.1
+    whitening_shrinkage: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):

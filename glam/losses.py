@@ -99,27 +99,25 @@ class ContrastiveLoss(nn.Module):
         return contrastive_loss(anchors, others, is_positive, self.margin)
 
 
-def two_view_contrastive_loss(view_a: torch.Tensor, view_b: torch.Tensor, margin: float = 0.7,
-                              num_negatives: int = 1) -> torch.Tensor:
-    """Unlabelled-folder loss: (view_a[i], view_b[i]) are positives; for every anchor view_a[i], the
-    `num_negatives` closest descriptors of the *other* images (either view) are its hard negatives.
+def two_view_contrastive_loss(view_a: torch.Tensor, view_b: torch.Tensor, margin: float = 0.7) -> torch.Tensor:
+    """Unlabelled-folder loss: (view_a[i], view_b[i]) are positives; every one of the 2B descriptors
+    also gets its hardest in-batch negative (the most similar descriptor of another image, either
+    view; `imagedata.datasets.hardest_negatives`).
 
     Args:
-        view_a, view_b: (B, D) descriptors of two augmentations of the same B images, B >= 2.
+        view_a, view_b: (B, D) L2-normalised descriptors of two augmentations of the same B >= 2 images.
     Returns:
-        scalar contrastive loss over B positive and B * num_negatives negative pairs.
+        scalar contrastive loss over B positive and 2B negative pairs.
     """
+    from imagedata.datasets import hardest_negatives
+
     if view_a.shape != view_b.shape or view_a.dim() != 2 or view_a.shape[0] < 2:
         raise ValueError(f"two views must both be (B >= 2, D), got {tuple(view_a.shape)}, {tuple(view_b.shape)}")
     batch = view_a.shape[0]
-    k = min(num_negatives, 2 * (batch - 1))
-    pool = torch.cat([view_a, view_b], dim=0)  # (2B, D), image id = row % B
-    with torch.no_grad():
-        distance = torch.cdist(view_a, pool)
-        image_of = torch.arange(2 * batch, device=view_a.device) % batch
-        same_image = image_of[None, :] == torch.arange(batch, device=view_a.device)[:, None]
-        hardest = distance.masked_fill(same_image, float("inf")).topk(k, dim=1, largest=False).indices
-    anchors = torch.cat([view_a, view_a.repeat_interleave(k, dim=0)], dim=0)
-    others = torch.cat([view_b, pool[hardest.reshape(-1)]], dim=0)
-    labels = torch.cat([torch.ones(batch), torch.zeros(batch * k)]).to(view_a.device)
-    return contrastive_loss(anchors, others, labels, margin)
+    pool = torch.cat([view_a, view_b], dim=0)  # (2B, D); image id = row % B
+    image_ids = torch.arange(2 * batch, device=pool.device) % batch
+    negatives = hardest_negatives(pool, image_ids)  # every row has one (B >= 2)
+    anchors = torch.cat([view_a, pool], dim=0)
+    others = torch.cat([view_b, pool[negatives]], dim=0)
+    is_positive = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).to(pool.device)
+    return contrastive_loss(anchors, others, is_positive, margin)

@@ -139,8 +139,9 @@ class GlamModel(nn.Module):
     def fit_whitening_from_descriptors(self, pooled: Union[torch.Tensor, "np.ndarray"]) -> None:
         """Set the FC to the PCA-whitening of pooled (pre-FC) descriptors (N, C).
 
-        Eigenvalues are regularised by whitening_shrinkage x their mean (so N < output_dim works);
-        whitening_power 0.5 whitens fully, 0 only rotates.
+        Each kept eigenvalue gets whitening_shrinkage x (mean of the kept eigenvalues) added before
+        the division (so a handful of images cannot collapse onto a simplex); whitening_power 0.5
+        whitens, 0 only rotates.
         """
         features = torch.as_tensor(pooled).detach().cpu().double()
         if features.dim() != 2 or features.shape[1] != self.fc.in_features:
@@ -150,11 +151,16 @@ class GlamModel(nn.Module):
         if features.shape[0] < self.output_dim:
             logger.warning("fit_whitening: %d descriptors for %d output dims; components beyond the "
                            "data's rank are regularised by whitening_shrinkage", features.shape[0], self.output_dim)
-        mean_eigenvalue = float(features.var(dim=0, unbiased=False).sum()) / features.shape[1]
+        # Regulariser: whitening_shrinkage x the mean of the eigenvalues the FC keeps (at most N - 1
+        # carry variance), so with few images the whitening softens instead of collapsing them.
+        centred = features - features.mean(dim=0)
+        eigenvalues = torch.linalg.svdvals(centred).square() / features.shape[0]  # descending
+        kept = min(self.output_dim, features.shape[0] - 1)
+        reference = float(eigenvalues[:kept].mean())
         power = self.config.whitening_power
         weight, bias = learn_pca_whitening(
             features, self.output_dim, whiten=power > 0, power=power,
-            eps=max(self.config.whitening_shrinkage * mean_eigenvalue, 1e-12),
+            eps=max(self.config.whitening_shrinkage * reference, 1e-12),
         )
         init_linear_from_pca(self.fc, weight, bias)
         self.whitening_fitted.fill_(True)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .images import ImageLoadError, crop_to_box, image_to_tensor, list_images, load_image, resize_max_side
+from .images import ImageLoadError, crop_to_box, list_images, load_image, resize_max_side
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def _check_unique(names: Sequence[str], paths: Sequence[Path]) -> None:
 
 
 class _ImageItems(Dataset):
-    """Loads image i -> {'index', 'image' (3, H, W) float in [0, 1] or None, 'error' str or None}."""
+    """Loads image i -> {'index', 'image' (3, H, W) uint8 or None, 'error' str or None}."""
 
     def __init__(self, paths: Sequence[Path], max_size: int | None, boxes: Sequence[BoundingBox | None] | None):
         self.paths = list(paths)
@@ -111,7 +111,9 @@ class _ImageItems(Dataset):
                 image = crop_to_box(load_image(path), box)
                 if self.max_size is not None:
                     image = resize_max_side(image, self.max_size)
-            return {"index": index, "image": image_to_tensor(image), "error": None}
+            # uint8 crosses the worker boundary (4x less than float); converted on the device.
+            return {"index": index, "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
+                    "error": None}
         except ImageLoadError as error:
             return {"index": index, "image": None, "error": error.reason}
         except ValueError as error:  # e.g. an empty box
@@ -243,7 +245,8 @@ def extract_to_file(
                     name = names[todo[position]]
                     try:
                         with torch.no_grad():
-                            output = extractor(item["image"].unsqueeze(0).to(target, non_blocking=True))
+                            image = item["image"].unsqueeze(0).to(target, non_blocking=True).float().div_(255.0)
+                            output = extractor(image)
                         descriptors = _as_numpy(output["descriptors"]).astype(np.float32, copy=False)
                         if descriptors.ndim == 1 and kind == "global":
                             descriptors = descriptors[None]

@@ -9,9 +9,11 @@ A truncated or non-image file is always an error, never a silently half-decoded 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +25,8 @@ from PIL import Image, ImageFile, ImageOps
 
 logger = logging.getLogger(__name__)
 
-# Never decode a truncated file into a partially grey image: a missing tail must be an error.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+# A truncated file must never decode into a partially grey image: load_image enforces
+# ImageFile.LOAD_TRUNCATED_IMAGES = False while it decodes (see _strict_pil_settings).
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,36 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 )
 
 _WHITE = (255, 255, 255)
+
+
+_pixel_limit_lock = threading.Lock()
+_pixel_limit_users = 0
+_saved_pil_settings: tuple[int | None, bool] = (None, False)
+
+
+@contextlib.contextmanager
+def _strict_pil_settings():
+    """While loading: PIL's own decompression-bomb check off (we apply ours after JPEG draft) and
+    truncated images refused even if other code switched ``LOAD_TRUNCATED_IMAGES`` on.
+
+    Thread-safe: the PIL globals are restored when the last concurrent load finishes.
+    """
+    global _pixel_limit_users, _saved_pil_settings
+    with _pixel_limit_lock:
+        if _pixel_limit_users == 0:
+            _saved_pil_settings = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
+            Image.MAX_IMAGE_PIXELS = None
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+        _pixel_limit_users += 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        with _pixel_limit_lock:
+            _pixel_limit_users -= 1
+            if _pixel_limit_users == 0:
+                Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = _saved_pil_settings
 
 
 class ImageLoadError(ValueError):
@@ -125,16 +157,9 @@ def load_image(
     if path.stat().st_size == 0:
         raise ImageLoadError(path, "file is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            # We apply our own limit below; PIL's bomb warning/error would fire before draft().
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            previous_limit = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None
-            try:
-                with Image.open(path) as img:
-                    image = _decode(img, path, max_size, limits)
-            finally:
-                Image.MAX_IMAGE_PIXELS = previous_limit
+        with _strict_pil_settings():
+            with Image.open(path) as img:
+                image = _decode(img, path, max_size, limits)
     except ImageLoadError:
         raise
     except Image.UnidentifiedImageError:
@@ -260,3 +285,22 @@ def crop_to_box(image: np.ndarray, bbox: Sequence[float] | None) -> np.ndarray:
     if x1 <= x0 or y1 <= y0:
         raise ValueError(f"bbox {tuple(bbox)} is empty inside a {width}x{height} image")
     return image[y0:y1, x0:x1]
+
+
+def resize_tensor(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """Rescale ``(B, 3, H, W)`` images by ``scale`` (bilinear, antialiased when shrinking; sides >= 1)."""
+    if images.ndim != 4:
+        raise ValueError(f"expected (B, C, H, W) images, got shape {tuple(images.shape)}")
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    if scale == 1.0:
+        return images
+    height, width = images.shape[-2:]
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return torch.nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False,
+                                           antialias=scale < 1.0).clamp_(0.0, 1.0)
+
+
+def image_pyramid(images: torch.Tensor, scales: Sequence[float]) -> list[torch.Tensor]:
+    """Multi-scale inputs: ``[resize_tensor(images, s) for s in scales]`` (e.g. scales 0.5..2 for MDA/GLAM)."""
+    return [resize_tensor(images, float(s)) for s in scales]

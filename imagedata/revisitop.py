@@ -65,6 +65,10 @@ class RevisitopDataset:
             return None
         return tuple(float(v) for v in bbx)  # type: ignore[return-value]
 
+    def query_bboxes(self) -> list[tuple[float, float, float, float] | None]:
+        """Every query's box (for ``extract_to_file(..., boxes=)``)."""
+        return [self.query_bbox(q) for q in range(len(self.qimlist))]
+
     def positives(self, query_index: int, setting: str = "medium") -> list[int]:
         """Database indices that count as positives of a query under a protocol setting."""
         keys = PROTOCOL_SETTINGS[setting][0]
@@ -103,6 +107,14 @@ def load_revisitop(root: str | os.PathLike, name: str | None = None) -> Revisito
     extra = {k: v for k, v in cfg.items() if k not in ("imlist", "qimlist", "gnd")}
     return RevisitopDataset(root=root, name=name, imlist=list(cfg["imlist"]), qimlist=list(cfg["qimlist"]),
                             gnd=list(cfg["gnd"]), image_extension=cfg.get("ext", ".jpg"), extra=extra)
+
+
+def ranks_from_scores(scores: np.ndarray) -> np.ndarray:
+    """``(n_q, n_db)`` similarity scores -> ``(n_q, n_db)`` database indices by decreasing score (stable)."""
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be (n_q, n_db), got shape {scores.shape}")
+    return np.argsort(-scores, axis=1, kind="stable")
 
 
 def compute_ap(positive_ranks: np.ndarray, n_positives: int) -> float:

@@ -136,6 +136,13 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed python/numpy in each worker from torch's per-worker seed."""
+    seed = torch.initial_seed() % (2**32)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 @dataclass
 class DistributedInfo:
     """Where this process sits in the (possibly single-process) world."""

@@ -29,8 +29,6 @@ logger = logging.getLogger(__name__)
 
 LOCAL_FIELDS: dict[str, str] = {"attention": "float32", "head": "int16", "x": "float32", "y": "float32",
                                 "scale": "float32"}
-_EXIF_ORIENTATION = 274
-_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 
 
 @dataclass
@@ -62,17 +60,6 @@ class LocalFeatures:
 
 # --- image input ----------------------------------------------------------------------------------
 
-def _original_size(path: Path) -> tuple[int, int] | None:
-    """(height, width) of an image file after EXIF orientation, from its header (no decode)."""
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # noqa: BLE001 - load_image reports the real problem
-        return None
-    return (width, height) if orientation in _TRANSPOSED_ORIENTATIONS else (height, width)
-
-
 def _downscale(tensor: torch.Tensor, max_size: int | None) -> torch.Tensor:
     height, width = tensor.shape[-2:]
     longest = max(height, width)
@@ -88,14 +75,13 @@ def prepare_image(image: Any, *, max_size: int | None = None) -> tuple[torch.Ten
     (height, width) of the original image).
 
     image: a path (str / PathLike), a PIL image, an (H, W, 3) uint8 array, or a (3, H, W) /
-    (1, 3, H, W) float tensor in [0, 1]. Raises ImageLoadError (bad file) or ValueError/TypeError.
+    (1, 3, H, W) float tensor in [0, 1]. Every input is downscaled the same way (antialiased
+    bilinear in torch). Raises ImageLoadError (bad file) or ValueError/TypeError.
     """
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        array = load_image(path, max_size=max_size)
-        original = _original_size(path) or array.shape[:2]
-        tensor = image_to_tensor(array).unsqueeze(0)
-        return _downscale(tensor, max_size), (int(original[0]), int(original[1]))
+        # decoded at full size and downscaled here, exactly as extract_folder's images are, so a
+        # query path and the same file in an index give identical features
+        image = load_image(Path(image))
     if isinstance(image, Image.Image):
         image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):

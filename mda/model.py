@@ -260,8 +260,14 @@ class MdaModel(nn.Module):
         config = MdaConfig.from_dict(payload["config"])
         if backbone is None:
             from backbones.networks import build_backbone
-            backbone_config = type(config.backbone)(**{**to_dict(config.backbone), "weights": "random"})
-            backbone = build_backbone(backbone_config)
+            # skip loading pretrained weights (they come from the file); silence the "random" notice
+            backbone_logger = logging.getLogger("backbones.networks")
+            level = backbone_logger.level
+            backbone_logger.setLevel(logging.ERROR)
+            try:
+                backbone = build_backbone(config.backbone, weights="random")
+            finally:
+                backbone_logger.setLevel(level)
         model = cls(config, backbone=backbone)
         missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
         if missing or unexpected:

@@ -223,10 +223,10 @@ def train(model: MdaModel, loader: Iterable[Any], config: TrainConfig, *, run_di
             optimizer.step()
             state.step += 1
             state.extra["step_in_epoch"] = index + 1
-            result.losses.append(float(parts.total))
+            result.losses.append(float(parts.total.detach()))
             if log_every and state.step % log_every == 0 and info.is_main:
                 logger.info("step %d epoch %d loss %.4f (contrastive %.4f, diversity %.4f, d+ %.3f, d- %.3f) %.0fs",
-                            state.step, state.epoch, float(parts.total), parts.contrastive, parts.diversity,
+                            state.step, state.epoch, float(parts.total.detach()), parts.contrastive, parts.diversity,
                             parts.positive_distance, parts.negative_distance, time.perf_counter() - started)
             if config.checkpoint_every and state.step % config.checkpoint_every == 0:
                 save()

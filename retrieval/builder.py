@@ -6,7 +6,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -183,7 +183,7 @@ def build_index(output: str | os.PathLike, *, images: str | os.PathLike | None =
         todo = [(path, name) for path, name in zip(paths, names) if name not in index]
         work = Path(work_dir) if work_dir is not None else default_work_dir(output)
         extraction = extract_collection([p for p, _ in todo], [n for _, n in todo],
-                                        index.models, work, progress=progress, on_image=on_image)
+                                        index.models, work, progress=progress)
         report.failures = extraction.failures
         good = [name for _, name in todo if name not in extraction.failures]
         if good:

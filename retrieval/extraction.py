@@ -1,24 +1,25 @@
 """Resumable extraction of a folder's local (MDA) and global (GLAM) features into feature files.
 
-Each image is read once (``imagedata.load_image`` at ``max_size``) and both extractors run on it;
-the descriptors go to ``WORK/local.h5`` and ``WORK/global.h5`` (``asmk_index.feature_file``), which
-commit image by image. A rerun after a crash or Ctrl-C skips every image already stored, so no
-image is extracted twice. An image that cannot be read is recorded as a failure (name and reason)
-and the run goes on.
+The shared loop ``imagedata.extraction.extract_to_file`` runs once per feature kind: the MDA
+local features go to ``WORK/local.h5`` and the GLAM global descriptors to ``WORK/global.h5``
+(``asmk_index.feature_file``), committed image by image. A rerun after a crash or Ctrl-C skips
+every image already stored, so no image is extracted twice; an image that cannot be read is
+recorded as a failure (name and reason) and the run goes on. Image names are paths relative to
+the folder, with their extension (``sub/photo.jpg``), so an index can find its files again.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from asmk_index.feature_file import FeatureFile, FeatureFileWriter
-from imagedata.images import ImageLoadError, list_images, load_image
+from asmk_index.feature_file import FeatureFile
+from imagedata.extraction import default_num_workers, extract_to_file
+from imagedata.images import list_images
 
 from .models import LocalFeatureSet, ModelBundle
 
@@ -29,9 +30,8 @@ LOCAL_FILE, GLOBAL_FILE = "local.h5", "global.h5"
 
 @dataclass
 class ExtractionReport:
-    """What one extraction run did: images extracted now, already there, and failures."""
+    """Images whose features are in the work directory (now or from an earlier run), failures."""
     extracted: list[str] = field(default_factory=list)
-    reused: list[str] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
 
 
@@ -49,62 +49,48 @@ def collect_images(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
     return paths, image_names(folder, paths)
 
 
-def _progress(iterable, total: int, description: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, total=total, desc=description, unit="img", dynamic_ncols=True)
-
-
 def extract_collection(paths: Sequence[Path], names: Sequence[str], bundle: ModelBundle,
                        work_dir: str | os.PathLike, *, global_features: bool = True,
-                       progress: bool = True,
-                       on_image: Callable[[str], None] | None = None) -> ExtractionReport:
+                       progress: bool = True, num_workers: int | None = None) -> ExtractionReport:
     """Extract every image not yet in ``work_dir``'s feature files (see the module docstring).
 
     ``global_features=False`` extracts only the local features (codebook training).
-    ``on_image(name)`` is called before each image is extracted (progress hooks, tests).
+    ``num_workers``: image-loading processes (default: CPUs - 1, at most 8).
     """
     if len(paths) != len(names):
         raise ValueError(f"{len(paths)} paths for {len(names)} names")
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    paths, names = [Path(p) for p in paths], list(names)
+    name_of_path = {str(path): name for path, name in zip(paths, names)}
     report = ExtractionReport()
-    max_size = bundle.config.extraction.max_size
-    with contextlib.ExitStack() as stack:
-        local_writer = stack.enter_context(FeatureFileWriter(
-            work_dir / LOCAL_FILE, kind="local", dim=int(bundle.mda.descriptor_dim),
-            fields=LocalFeatureSet.FIELDS, attributes=bundle.feature_attributes("local")))
-        global_writer = stack.enter_context(FeatureFileWriter(
-            work_dir / GLOBAL_FILE, kind="global", dim=bundle.global_dim,
-            attributes=bundle.feature_attributes("global"))) if global_features else None
-        writers = [w for w in (local_writer, global_writer) if w is not None]
-        todo = []
-        for path, name in zip(paths, names):
-            if all(name in writer.done for writer in writers):
-                report.reused.append(name)
-            else:
-                todo.append((path, name))
-        if report.reused:
-            logger.info("resuming: %d image(s) already extracted in %s, %d to go",
-                        len(report.reused), work_dir, len(todo))
-        for path, name in _progress(todo, len(todo), "extracting", progress):
-            if on_image is not None:
-                on_image(name)
-            try:
-                image = load_image(path, max_size=max_size)
-            except ImageLoadError as error:
-                logger.warning("skipping %s", error)
-                report.failures[name] = str(error)
-                for writer in writers:
-                    writer.add_failure(name, str(error))
-                continue
-            if name not in local_writer.done:
-                features = bundle.local_features(image)
-                local_writer.add(name, features.descriptors, **features.fields())
-            if global_writer is not None and name not in global_writer.done:
-                global_writer.add(name, bundle.global_descriptor(image)[None, :])
-            report.extracted.append(name)
+    workers = default_num_workers() if num_workers is None else num_workers
+    jobs = [(LOCAL_FILE, "local", bundle.local_extractor(), int(bundle.mda.descriptor_dim),
+             LocalFeatureSet.FIELDS)]
+    if global_features:
+        jobs.append((GLOBAL_FILE, "global", bundle.global_extractor(), bundle.global_dim, None))
+    if not paths:
+        return report
+    extracted: set[str] = set()
+    for filename, kind, extractor, dim, fields in jobs:
+        run = extract_to_file(paths, extractor, work_dir / filename, kind=kind, dim=dim,
+                              fields=fields, attributes=bundle.feature_attributes(kind),
+                              max_size=bundle.config.extraction.max_size, num_workers=workers,
+                              device=bundle.device, progress=progress,
+                              report_path=work_dir / "failures.tsv", names=names)
+        for path, reason in run.failures:
+            report.failures.setdefault(name_of_path.get(path, path), reason)
+    with FeatureFile(work_dir / LOCAL_FILE) as local_file:
+        stored = set(local_file.names)
+    if global_features:
+        with FeatureFile(work_dir / GLOBAL_FILE) as global_file:
+            stored &= set(global_file.names)
+    for name in names:
+        if name in stored:
+            extracted.add(name)
+        elif name not in report.failures:
+            report.failures[name] = "not extracted (see the log)"
+    report.extracted = [name for name in names if name in extracted]
     return report
 
 

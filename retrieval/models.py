@@ -26,6 +26,8 @@ import numpy as np
 from asmk_index.persistence import (FORMAT_VERSION, MANIFEST_NAME, IndexFormatError,
                                     atomic_directory, sha256_of_file)
 
+from mda.extract import LOCAL_FIELDS
+
 from .config import SystemConfig, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -48,8 +50,7 @@ class LocalFeatureSet:
     y: np.ndarray
     scale: np.ndarray
 
-    FIELDS = {"attention": "float32", "head": "int16", "x": "float32", "y": "float32",
-              "scale": "float32"}
+    FIELDS = dict(LOCAL_FIELDS)
 
     def fields(self) -> dict[str, np.ndarray]:
         return {name: np.asarray(getattr(self, name)).astype(dtype)
@@ -120,6 +121,16 @@ class ModelBundle:
         return np.asarray(extract_global_descriptor(self.glam, image,
                                                     config=self.glam_extraction_config()),
                           dtype=np.float32).reshape(-1)
+
+    def local_extractor(self):
+        """Callable for ``imagedata.extraction.extract_to_file``: image tensor -> local features."""
+        from mda.extract import LocalFeatureExtractor
+        return LocalFeatureExtractor(self.mda, self.mda_extraction_config())
+
+    def global_extractor(self):
+        """Callable for ``imagedata.extraction.extract_to_file``: image tensor -> (1, D) global."""
+        from glam.extract import GlobalExtractor
+        return GlobalExtractor(self.glam, self.glam_extraction_config())
 
     def feature_attributes(self, kind: str) -> dict:
         """What a feature file's content depends on (a resumed file must match it)."""

@@ -20,7 +20,8 @@ PER_IMAGE = 50
 DIM = 64
 WORDS = 128
 TOP = 100
-TOLERANCE = 1e-5
+TOLERANCE = 1e-5  # on scores
+TIE = 1e-6  # scores closer than this may swap places (both engines differ by ~1e-8)
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +65,12 @@ def assert_same_results(ours: AsmkIndex, reference, queries, user_ids):
         reference_order = np.argsort(-reference_scores, kind="stable")[: TOP + 1]
         sorted_scores = reference_scores[reference_order]
         np.testing.assert_allclose(our_scores, sorted_scores[:TOP], atol=TOLERANCE, rtol=0)
-        gaps = np.abs(np.diff(sorted_scores)) > TOLERANCE  # gaps[i]: between i and i + 1
+        gaps = np.abs(np.diff(sorted_scores)) > TIE  # gaps[i]: between i and i + 1
         distinct = gaps[:TOP].copy()
         distinct[1:] &= gaps[:TOP - 1]
-        assert distinct.mean() > 0.5  # the data gives mostly distinct scores
+        assert distinct.mean() > 0.6  # the data gives mostly distinct scores
         np.testing.assert_array_equal(ids[distinct], user_ids[reference_order[:TOP]][distinct])
-        assert our_scores[0] > 0.1
+        assert our_scores[0] > 0
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "real"])

@@ -194,3 +194,16 @@ def test_pca_whitening_gives_identity_covariance():
         init_linear_from_pca(nn.Linear(6, 3), weight, bias)
     with pytest.raises(ValueError):
         learn_pca_whitening(features, out_dim=7)
+
+
+def test_backbone_own_state_dict_round_trip(tmp_path: Path):
+    """A fine-tuned Backbone saved with its own state_dict() loads back through weights=PATH."""
+    torch.manual_seed(1)
+    tuned = build_backbone(weights="random")
+    path = tmp_path / "tuned.pth"
+    torch.save({"model": tuned.state_dict()}, path)
+    loaded = build_backbone(weights=path)
+    for (name, a), (_, b) in zip(tuned.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="missing keys"):  # a stride16 backbone lacks the stride32 stages
+        build_backbone(tap="stride32", weights=path)

@@ -23,6 +23,14 @@ from glam.modules import (
 REPO = Path(__file__).resolve().parents[1]
 SWITCHES = ("local_channel", "local_spatial", "global_channel", "global_spatial")
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: one thread avoids OpenMP spinning on a busy 2-core machine (restored after)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 def small_head(channels: int = 16, **switches) -> GlamHead:
     return GlamHead(channels, local_reduced_channels=8, global_reduced_channels=8, kernel_size=3, **switches)
@@ -182,6 +190,7 @@ def test_global_spatial_attention_peak_memory_is_bounded_at_large_maps():
         """
         import resource, torch
         from glam.modules import GlobalSpatialAttention
+        torch.set_num_threads(1)
         torch.manual_seed(0)
         module = GlobalSpatialAttention(64, 32)
         x = torch.rand(1, 64, 128, 96)

@@ -28,6 +28,14 @@ def require_ukbench() -> Path:
         pytest.skip(f"shared data not found at {UKBENCH} (real-photo test)")
     return UKBENCH
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: one thread avoids OpenMP spinning on a busy 2-core machine (restored after)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 SMALL = dict(local_reduced_channels=16, global_reduced_channels=16, conv1d_kernel_size=3)
 

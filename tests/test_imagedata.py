@@ -369,3 +369,29 @@ def test_single_process_world_helpers():
     model = torch.nn.Linear(2, 2)
     assert wrap_ddp(model, info) is model
     assert sorted(make_sampler(list(range(5)), info, seed=1)) == list(range(5))
+
+
+def test_extract_to_file_query_boxes(tmp_path: Path):
+    from asmk_index.feature_file import FeatureFile
+    from imagedata.extraction import extract_to_file
+
+    paths = [_write_photo(tmp_path / f"q{i}.png", i, size=(48, 40)) for i in range(3)]
+
+    def size_extractor(image):
+        return {"descriptors": np.array([[image.shape[2], image.shape[3], float(image.max()), 0.0]], np.float32)}
+
+    report = extract_to_file(paths, size_extractor, tmp_path / "q.h5", kind="global", dim=4, progress=False,
+                             num_workers=0, boxes=[(10, 5, 30, 25), None, (0, 0, 0, 0)], max_size=24)
+    assert report.extracted == 2 and "empty" in report.failures[0][1]
+    with FeatureFile(tmp_path / "q.h5") as stored:
+        assert stored.names == ["q0", "q1"]
+        assert stored.get("q0")["descriptors"][0, :2].tolist() == [20, 20]  # 20x20 crop (not upscaled)
+        assert stored.get("q1")["descriptors"][0, :2].tolist() == [20, 24]  # 40x48 -> max side 24
+        assert stored.get("q1")["descriptors"][0, 2] <= 1.0  # [0, 1] floats
+
+
+def test_ranks_from_scores():
+    from imagedata.revisitop import ranks_from_scores
+
+    scores = np.array([[0.1, 0.9, 0.5], [0.3, 0.3, 0.7]])
+    assert ranks_from_scores(scores).tolist() == [[1, 2, 0], [2, 0, 1]]

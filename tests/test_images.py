@@ -114,9 +114,12 @@ def test_tiny_image_is_upscaled(tmp_path: Path):
 
 
 @pytest.mark.parametrize("kind", ["truncated", "text", "empty", "missing", "garbage_png"])
-def test_broken_files_raise_image_load_error(tmp_path: Path, kind: str):
+def test_broken_files_raise_image_load_error(tmp_path: Path, kind: str, monkeypatch):
     path = tmp_path / f"{kind}.jpg"
     if kind == "truncated":
+        from PIL import ImageFile
+
+        monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # other code switched it on: still refused
         buffer = io.BytesIO()
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(
             buffer, format="JPEG", quality=90)
@@ -160,3 +163,16 @@ def test_tensor_resize_crop_helpers():
     assert crop_to_box(image, None) is image
     with pytest.raises(ValueError):
         crop_to_box(image, (50, 0, 60, 10))
+
+
+def test_image_pyramid():
+    from imagedata.images import image_pyramid, resize_tensor
+
+    images = torch.rand(2, 3, 40, 60)
+    levels = image_pyramid(images, (0.5, 1.0, 1 / 1.414))
+    assert [tuple(level.shape[-2:]) for level in levels] == [(20, 30), (40, 60), (28, 42)]
+    assert levels[1] is images and float(levels[0].max()) <= 1.0
+    constant = torch.full((1, 3, 9, 9), 0.25)
+    assert torch.allclose(resize_tensor(constant, 2.0), torch.full((1, 3, 18, 18), 0.25))
+    with pytest.raises(ValueError):
+        resize_tensor(images[0], 0.5)

@@ -1,5 +1,7 @@
 """mda.train on tiny images: the loss falls, checkpoint + resume continues exactly, unlabelled mode."""
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,16 @@ from mda.model import MdaModel
 from mda.train import CHECKPOINT_NAME, mined_loss, train
 
 SIZE = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU this is many times faster."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 
 def textures(count, seed):
@@ -82,3 +94,19 @@ def test_unlabelled_two_views_step_and_mining(tmp_path):
     assert parts.positive_distance == pytest.approx(0.0, abs=1e-5)
     with pytest.raises(ValueError, match="two groups"):
         mined_loss((g, maps), (g, maps), torch.tensor([0, 0, 0]), CONFIG)
+
+
+UKBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ukbench-dev"
+
+
+@pytest.mark.skipif(not UKBENCH.is_dir() and os.environ.get("CI") != "true",
+                    reason=f"real photos not available at {UKBENCH}")
+def test_cli_trains_on_revisitop_pairs_and_saves_a_model(tmp_path):
+    from mda.train import main
+
+    main(["--revisitop", str(UKBENCH), "--out", str(tmp_path), "--epochs", "1", "--steps-per-epoch", "1",
+          "--batch-size", "2", "--image-size", "96", "--fit-reduction-images", "8", "--num-workers", "0",
+          "--freeze-backbone", "--heads", "2"])
+    model = MdaModel.load(tmp_path / "model.pt")
+    assert model.config.num_heads == 2 and bool(model.head.reduction_fitted)
+    assert (tmp_path / CHECKPOINT_NAME).is_file()

@@ -31,16 +31,6 @@ cdef extern from *:
     #endif
     }
 
-    /* Largest index i with offsets[i] <= pos, searching offsets[lo..hi). */
-    static inline int64_t asmk_word_of_position(const int64_t *offsets, int64_t lo, int64_t hi,
-                                                int64_t pos) {
-        while (hi - lo > 1) {
-            int64_t mid = lo + (hi - lo) / 2;
-            if (offsets[mid] <= pos) lo = mid; else hi = mid;
-        }
-        return lo;
-    }
-
     /* Full scan of the posting lists of the query's words (binary codes). */
     #define ASMK_DEFINE_SCAN_BINARY(NAME, ATTR)                                                \\
     static ATTR void NAME(const uint64_t *qcodes, const int64_t *qwords, const double *qweights, \\
@@ -71,7 +61,8 @@ cdef extern from *:
         }                                                                                      \\
     }
 
-    /* Score selected images through the doc-major forward index (binary codes). */
+    /* Score selected images through the doc-major forward index (binary codes): a merge of the
+       doc's sorted posting positions with the query words' sorted position ranges. */
     #define ASMK_DEFINE_SCORE_BINARY(NAME, ATTR)                                               \\
     static ATTR void NAME(const uint64_t *qcodes, const int64_t *qwords, const double *qweights, \\
                           int64_t nq, const int64_t *offsets, int64_t K, const uint64_t *codes, \\
@@ -80,12 +71,12 @@ cdef extern from *:
         for (int64_t c = 0; c < nc; ++c) {                                                     \\
             const int64_t d = local_docs[c];                                                   \\
             double acc = 0.0;                                                                  \\
-            int64_t qi = 0, lo = 0;                                                            \\
-            for (int64_t t = fwd_offsets[d]; t < fwd_offsets[d + 1] && qi < nq; ++t) {         \\
+            int64_t qi = 0;                                                                    \\
+            for (int64_t t = fwd_offsets[d]; t < fwd_offsets[d + 1]; ++t) {                    \\
                 const int64_t pos = fwd_positions[t];                                          \\
-                lo = asmk_word_of_position(offsets, lo, K + 1, pos);                           \\
-                while (qi < nq && qwords[qi] < lo) ++qi;                                       \\
-                if (qi == nq || qwords[qi] != lo) continue;                                    \\
+                while (qi < nq && offsets[qwords[qi] + 1] <= pos) ++qi;                        \\
+                if (qi == nq) break;                                                           \\
+                if (offsets[qwords[qi]] > pos) continue; /* word not in the query */           \\
                 const uint64_t *q = qcodes + qi * W;                                           \\
                 const uint64_t *cc = codes + pos * W;                                          \\
                 int h = 0;                                                                     \\
@@ -107,6 +98,8 @@ cdef extern from *:
     static const uint8_t asmk_reverse4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
     #endif
 
+    #define ASMK_PREFETCH_AHEAD 8
+
     /* Residual sums per run of (descriptor, word) pairs; see aggregate_residuals(). */
     static void asmk_aggregate(const float *restrict X, const float *restrict C, int64_t D,
                                const int64_t *restrict pair_descriptor,
@@ -121,6 +114,14 @@ cdef extern from *:
             for (int64_t p = group_starts[g]; p < end; ++p) {
                 const float *restrict x = X + pair_descriptor[p] * D;
                 const float *restrict c = C + pair_word[p] * D;
+                if (p + ASMK_PREFETCH_AHEAD < n_pairs) {  /* rows of a pair a few steps ahead */
+                    const char *next_x = (const char *)(X + pair_descriptor[p + ASMK_PREFETCH_AHEAD] * D);
+                    const char *next_c = (const char *)(C + pair_word[p + ASMK_PREFETCH_AHEAD] * D);
+                    for (int64_t b = 0; b < D * (int64_t)sizeof(float); b += 64) {
+                        __builtin_prefetch(next_x + b);
+                        __builtin_prefetch(next_c + b);
+                    }
+                }
                 for (int64_t j = 0; j < D; ++j) acc[j] += x[j] - c[j];
             }
             if (binary) {
@@ -185,12 +186,12 @@ cdef extern from *:
         for (int64_t c = 0; c < nc; ++c) {
             const int64_t d = local_docs[c];
             double acc = 0.0;
-            int64_t qi = 0, lo = 0;
-            for (int64_t t = fwd_offsets[d]; t < fwd_offsets[d + 1] && qi < nq; ++t) {
+            int64_t qi = 0;
+            for (int64_t t = fwd_offsets[d]; t < fwd_offsets[d + 1]; ++t) {
                 const int64_t pos = fwd_positions[t];
-                lo = asmk_word_of_position(offsets, lo, K + 1, pos);
-                while (qi < nq && qwords[qi] < lo) ++qi;
-                if (qi == nq || qwords[qi] != lo) continue;
+                while (qi < nq && offsets[qwords[qi] + 1] <= pos) ++qi;
+                if (qi == nq) break;
+                if (offsets[qwords[qi]] > pos) continue;
                 const double s = asmk_selectivity(asmk_dot(qvecs + qi * D, vecs + pos * D, D),
                                                   alpha, threshold);
                 if (s != 0.0) acc += qweights[qi] * s;

@@ -5,7 +5,8 @@ pooled (pre-FC) vectors once per model and derive:
   * "+ L2"      : mean over scales of L2(pooled), L2 (no FC),
   * "+ PCA-w pP sS": the model's FC (whitening power P, shrinkage S; the first row is GlamConfig's
                   default) fitted by `fit_whitening_from_descriptors` on all images' per-scale vectors
-                  (the user's own database, as HOW does), per-scale FC + L2, mean, L2 (exactly what `extract_global_descriptor` returns after `fit_whitening`).
+                  (the user's own database, as HOW does), per-scale FC + L2, mean, L2
+                  (exactly what `extract_global_descriptor` returns after `fit_whitening`).
 Usage: python benchmarks/glam_ukbench.py [--data DIR] [--max-size 320] [--limit N] [--threads 1] [--whitening P:S ...]
 """
 from __future__ import annotations
@@ -84,7 +85,7 @@ def main() -> None:
     settings = [(config.whitening_power, config.whitening_shrinkage)]
     settings += [tuple(float(v) for v in item.split(":")) for item in args.whitening]
     glam = GlamModel(config).eval()
-    gem = GlamModel(glam.config.gem_baseline(), backbone=glam.backbone).eval()
+    gem = GlamModel.gem_baseline_of(glam).eval()
     print(f"ukbench-dev: {len(paths)} images, backbone {glam.config.backbone.name} {glam.config.backbone.tap}, "
           f"max side {extraction.max_size}, scales {tuple(round(s, 3) for s in extraction.scales)}, "
           f"{torch.get_num_threads()} threads; fusion weights (w_l, w_g, w) = "

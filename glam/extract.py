@@ -93,10 +93,9 @@ def image_pyramid(image: torch.Tensor, scales: Sequence[float]) -> list[torch.Te
 @torch.no_grad()
 def multiscale_descriptor(model: "GlamModel", image: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
     """(1, 3, H, W) in [0, 1] -> (D,) mean over scales of the model's descriptors, L2-normalised."""
-    device = model.device
     total = None
-    for scaled in image_pyramid(image, scales):
-        descriptor = model(scaled.to(device))[0]
+    for scaled in image_pyramid(image.to(model.device), scales):  # resized on the model's device
+        descriptor = model(scaled)[0]
         total = descriptor if total is None else total + descriptor
     return l2n(total / len(scales), dim=0)
 
@@ -188,7 +187,7 @@ def iter_pooled_descriptors(
         except (ImageLoadError, OSError) as error:
             logger.warning("skipping unreadable image: %s", error)
             continue
-        yield torch.cat([model.pooled(scaled.to(model.device)) for scaled in image_pyramid(image, config.scales)])
+        yield torch.cat([model.pooled(scaled) for scaled in image_pyramid(image.to(model.device), config.scales)])
 
 
 def extract_folder(
@@ -201,28 +200,27 @@ def extract_folder(
     num_workers: int = 2,
     progress: bool = True,
     report_path: Union[str, os.PathLike, None] = None,
+    names: Optional[Sequence[str]] = None,
+    boxes: Optional[Sequence[Optional[Sequence[float]]]] = None,
     attributes: Optional[dict[str, Any]] = None,
 ) -> Any:
     """Multi-scale global descriptors of a folder (or list of paths) into the shared feature file.
 
-    Uses imagedata.extraction.extract_to_file(kind="global", dim=D): progress bar, corrupt images
-    skipped and reported, atomic write. Returns what extract_to_file returns.
+    Uses imagedata.extraction.extract_to_file(kind="global", dim=D): progress bar, unreadable images
+    skipped and reported, resumable, crash-safe. `boxes` crops (revisitop queries); `names` overrides
+    the image names. The file's attributes record the model config and the extraction settings.
+    Returns extract_to_file's ExtractionReport.
     """
-    from imagedata.extraction import extract_to_file
+    from imagedata.extraction import extract_to_file, resolve_device
 
     config = config or ExtractionConfig()
-    if isinstance(images, (str, os.PathLike)):
-        folder = Path(images)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"image folder not found: {folder}")
-        images = list_images(folder)
-    if device is not None:
-        model.to(device)
-    extractor = GlobalExtractor(model, config)
-    info = {"extractor": "glam", "model_config": repr(model.config.to_dict()), "scales": list(config.scales)}
+    target = resolve_device(device)
+    model.to(target)
+    info: dict[str, Any] = {"extractor": "glam", "model_config": model.config.to_dict(),
+                            "extraction": config.to_dict()}
     info.update(attributes or {})
     return extract_to_file(
-        images, extractor, out_path, kind="global", dim=model.output_dim, attributes=info,
-        max_size=config.max_size, num_workers=num_workers, device=device, progress=progress,
-        report_path=report_path,
+        images, GlobalExtractor(model, config), out_path, kind="global", dim=model.output_dim,
+        attributes=info, max_size=config.max_size, num_workers=num_workers, device=target,
+        progress=progress, report_path=report_path, names=names, boxes=boxes,
     )

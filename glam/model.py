@@ -65,6 +65,15 @@ class GlamModel(nn.Module):
             self.fc.bias.zero_()
         self.register_buffer("whitening_fitted", torch.tensor(False))
 
+    @classmethod
+    def gem_baseline_of(cls, model: "GlamModel") -> "GlamModel":
+        """Plain GeM on the *same* backbone instance (all attentions off, same GeM p and FC init)."""
+        baseline = cls(model.config.gem_baseline(), backbone=model.backbone)
+        baseline.pool.load_state_dict(model.pool.state_dict())
+        baseline.fc.load_state_dict(model.fc.state_dict())
+        baseline.whitening_fitted.copy_(model.whitening_fitted)
+        return baseline.train(model.training)
+
     # ---------------------------------------------------------------------------------- forward
     @property
     def device(self) -> torch.device:
@@ -181,6 +190,9 @@ class GlamModel(nn.Module):
                 torch.save(self.checkpoint(), f)
                 f.flush()
                 os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file permissions
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

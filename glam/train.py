@@ -41,6 +41,7 @@ from imagedata.datasets import (
 )
 from imagedata.training import (
     DistributedInfo,
+    is_main_process,
     TrainState,
     all_reduce_mean,
     barrier,
@@ -49,7 +50,6 @@ from imagedata.training import (
     save_checkpoint,
     seed_everything,
     setup_distributed,
-    unwrap_model,
     wrap_ddp,
 )
 
@@ -373,9 +373,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     try:
         path = train(model_config, train_config, data, args.out, init_model=args.init_model,
                      resume=not args.no_resume)
+        if is_main_process():
+            logger.info("model written to %s", path)
     finally:
         cleanup_distributed()
-    logger.info("model written to %s", path)
     return path
 
 

@@ -8,7 +8,6 @@ of its feature cell, ``(j + 0.5) * stride`` in the resized image, divided by the
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field

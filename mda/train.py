@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from imagedata.datasets import hardest_negatives
 from imagedata.training import (TrainState, load_checkpoint, save_checkpoint, set_sampler_epoch,
-                                setup_distributed, unwrap_model, wrap_ddp)
+                                setup_distributed, wrap_ddp)
 
 from . import functional as MF
 from .config import MdaConfig, TrainConfig, to_dict

@@ -9,6 +9,7 @@ the folder, with their extension (``sub/photo.jpg``), so an index can find its f
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -49,6 +50,24 @@ def collect_images(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
     return paths, image_names(folder, paths)
 
 
+def discard_stale_feature_file(path: Path, attributes: dict) -> None:
+    """Delete a cached feature file made by other models or settings (it cannot be resumed)."""
+    if not path.is_file():
+        return
+    try:
+        with FeatureFile(path) as existing:
+            stored = existing.attributes
+    except (ValueError, OSError) as error:
+        logger.warning("discarding unreadable feature cache %s (%s)", path, error)
+        path.unlink()
+        return
+    if json.loads(json.dumps(stored, sort_keys=True)) != json.loads(
+            json.dumps(attributes, sort_keys=True, default=list)):
+        logger.warning("discarding feature cache %s: made by other models or extraction "
+                       "settings", path)
+        path.unlink()
+
+
 def extract_collection(paths: Sequence[Path], names: Sequence[str], bundle: ModelBundle,
                        work_dir: str | os.PathLike, *, global_features: bool = True,
                        progress: bool = True, num_workers: int | None = None) -> ExtractionReport:
@@ -73,6 +92,7 @@ def extract_collection(paths: Sequence[Path], names: Sequence[str], bundle: Mode
         return report
     extracted: set[str] = set()
     for filename, kind, extractor, dim, fields in jobs:
+        discard_stale_feature_file(work_dir / filename, bundle.feature_attributes(kind))
         run = extract_to_file(paths, extractor, work_dir / filename, kind=kind, dim=dim,
                               fields=fields, attributes=bundle.feature_attributes(kind),
                               max_size=bundle.config.extraction.max_size, num_workers=workers,

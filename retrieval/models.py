@@ -134,8 +134,9 @@ class ModelBundle:
 
     def feature_attributes(self, kind: str) -> dict:
         """What a feature file's content depends on (a resumed file must match it)."""
-        return {"kind": kind, "models_id": self.models_id,
-                "extraction": self.config.to_dict()["extraction"]}
+        extraction = self.config.to_dict()["extraction"]
+        extraction.pop("device")  # where the models ran does not change the features
+        return {"kind": kind, "models_id": self.models_id, "extraction": extraction}
 
     @property
     def global_dim(self) -> int:

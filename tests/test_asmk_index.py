@@ -222,11 +222,11 @@ def test_odd_dimension_codes(dataset):
     assert index._segments[0].codes.shape[1] == 1  # 40 bits in one uint64
 
 
-@pytest.mark.parametrize("use_idf", [False, True])
-def test_save_load_round_trip(tmp_path, dataset, use_idf):
+@pytest.mark.parametrize("use_idf,binary", [(False, True), (True, True), (True, False)])
+def test_save_load_round_trip(tmp_path, dataset, use_idf, binary):
     codebook, descriptors, ids = dataset
-    index = AsmkIndex(codebook, use_idf=use_idf, alpha=2.0, similarity_threshold=0.1,
-                      query_multiple_assignment=3)
+    index = AsmkIndex(codebook, use_idf=use_idf, binary=binary, alpha=2.0,
+                      similarity_threshold=0.1, query_multiple_assignment=3)
     index.add(descriptors[:1600], ids[:1600])
     index.add(descriptors[1600:], ids[1600:])
     index.remove(ids[[0, 2000]])
@@ -358,9 +358,12 @@ def test_codebook_of_another_dimension_is_rejected(dataset):
     assert len(index) == 0
 
 
-def test_empty_index_search(dataset):
+def test_empty_index_search_and_round_trip(tmp_path, dataset):
     codebook, descriptors, _ = dataset
     index = AsmkIndex(codebook)
     ids, scores = index.search(descriptors[:10], 5)
     assert ids.size == 0 and scores.size == 0 and len(index) == 0
     assert index.score(descriptors[:10], []).size == 0
+    index.save(tmp_path / "empty")
+    loaded = AsmkIndex.load(tmp_path / "empty")
+    assert len(loaded) == 0 and loaded.search(descriptors[:10], 5)[0].size == 0

@@ -75,8 +75,8 @@ def test_all_attentions_off_is_exactly_gem_fc_l2(backbone, images):
 def test_untrained_glam_behaves_like_gem(backbone):
     torch.manual_seed(0)
     glam = make_model(backbone)
-    gem_model = make_model(backbone, **{s: False for s in ATTENTION_SWITCHES})
-    gem_model.fc.load_state_dict(glam.fc.state_dict())
+    gem_model = GlamModel.gem_baseline_of(glam)
+    assert gem_model.backbone is glam.backbone and not gem_model.head.uses_local and not gem_model.head.uses_global
     x = torch.rand(3, 3, 96, 128)
     with torch.no_grad():
         cosine = (glam(x) * gem_model(x)).sum(dim=1)
@@ -206,3 +206,28 @@ def test_mates_are_closer_than_other_objects_on_real_photos(backbone):
     similarity = descriptors @ descriptors.T
     same = np.equal.outer(np.arange(8) // 4, np.arange(8) // 4) & ~np.eye(8, dtype=bool)
     assert similarity[same].mean() > similarity[~np.equal.outer(np.arange(8) // 4, np.arange(8) // 4)].mean() + 0.1
+
+
+def test_extract_folder_writes_a_global_feature_file_and_skips_bad_images(backbone, tmp_path):
+    from asmk_index.feature_file import FeatureFile
+    from glam.extract import extract_folder
+
+    data = require_ukbench()
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in sorted((data / "jpg").glob("*.jpg"))[:3]:
+        shutil.copy(path, folder / path.name)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    model = make_model(backbone)
+    config = ExtractionConfig(max_size=96, scales=(1.0, 0.5))
+    report = extract_folder(model, folder, tmp_path / "global.h5", config=config, num_workers=0, progress=False,
+                            report_path=tmp_path / "failed.txt")
+    assert report.extracted == 3 and len(report.failures) == 1
+    assert "broken.jpg" in (tmp_path / "failed.txt").read_text()
+    with FeatureFile(tmp_path / "global.h5") as features:
+        assert features.kind == "global" and features.dim == 512 and features.names == [
+            "ukbench00000", "ukbench00001", "ukbench00002"]
+        stored = features.get("ukbench00001")["descriptors"]
+        assert features.attributes["extraction"]["scales"] == [1.0, 0.5]
+    direct = extract_global_descriptor(model, folder / "ukbench00001.jpg", config=config)
+    np.testing.assert_allclose(stored[0], direct, atol=1e-5)

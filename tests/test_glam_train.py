@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +140,31 @@ def test_cli_arguments_build_the_configs():
     assert (train_config.mode, train_config.epochs, train_config.lr, train_config.amp) == ("unlabelled", 3, 0.01, False)
     with pytest.raises(ValueError, match="unknown training mode"):
         TrainConfig(mode="triplet")
+
+
+def test_an_interrupted_run_resumes_mid_epoch(eight_photos, tmp_path):
+    model_config, train_config = tiny_configs("arcface")
+    train_config.whitening_images, train_config.checkpoint_every = 0, 1
+    data = build_training_data("arcface", eight_photos, train_config)
+    trainer = GlamTrainer(model_config, train_config, data, tmp_path, progress=False)
+    original_loss, calls = trainer.loss, []
+
+    def crash_on_second_batch(batch):
+        calls.append(len(batch[0]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return original_loss(batch)
+
+    trainer.loss = crash_on_second_batch
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    state, _ = load_checkpoint(tmp_path / CHECKPOINT_NAME, restore_rng=False)
+    assert (state.epoch, state.step) == (0, 1)
+    assert not (tmp_path / "glam.pt").exists()
+    resumed = GlamTrainer(model_config, train_config, data, tmp_path, progress=False)
+    batches = []
+    original = resumed.loss
+    resumed.loss = lambda batch: (batches.append(len(batch[0])), original(batch))[1]
+    resumed.fit()
+    assert batches == [4] and (resumed.state.epoch, resumed.state.step) == (1, 2)  # only the missing batch
+    assert (tmp_path / "glam.pt").is_file()

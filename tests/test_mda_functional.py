@@ -7,6 +7,15 @@ import torch
 from mda import functional as MF
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU this is many times faster."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def test_dynamic_attention_matches_formula_and_is_non_negative():
     torch.manual_seed(0)
     groups = torch.randn(2, 3, 5, 4, 6)

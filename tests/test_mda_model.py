@@ -216,3 +216,19 @@ def test_visualisation_png_written_with_expected_size(tmp_path):
     for head_panel in (1, 2):
         hot, cold = pixels[12, 64 * head_panel + 20].astype(int), pixels[40, 64 * head_panel + 56].astype(int)
         assert hot[0] > hot[2] + 50 and cold[2] > cold[0] + 50
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    from imagedata.images import ImageLoadError
+
+    model = brightness_model()
+    missing = tmp_path / "nope.jpg"
+    with pytest.raises(ImageLoadError, match="nope.jpg"):
+        extract_local_features(model, missing)
+    with pytest.raises(TypeError, match="unsupported image type"):
+        extract_local_features(model, 42)
+    with pytest.raises(ValueError, match="too small"):
+        extract_local_features(model, np.zeros((4, 4, 3), np.uint8), config=ExtractionConfig(scales=(0.5,)))
+    # fit_reduction skips unloadable files (warning) and uses the rest
+    good = [image_with_blobs(64, 64, [(8 * i, 8 * i, 8, 255)]) for i in range(6)]
+    assert model.fit_reduction([missing, *good], features_per_image=10, max_size=None) == 60

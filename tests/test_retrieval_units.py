@@ -1,0 +1,217 @@
+"""retrieval/ pieces that need no model: config YAML, codebook size cap, the demo collection,
+query preparation, feature matching, the HTML page, ranking completion, argument parsing."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from asmk_index.codebook import Codebook
+from retrieval.config import AsmkConfig, CodebookConfig, SystemConfig
+from retrieval.demo_collection import make_demo_collection, make_view
+from retrieval.evaluation import _full_ranking, is_ukbench_layout
+from retrieval.html import HtmlResult, render_results_page, write_results_page
+from retrieval.matching import match_local_features
+from retrieval.models import LocalFeatureSet
+from retrieval.searcher import prepare_query_image
+
+
+# ----------------------------------------------------------------------------- config
+def test_config_yaml_round_trip_and_partial_files(tmp_path):
+    config = SystemConfig()
+    path = tmp_path / "config.yaml"
+    config.save(path)
+    assert SystemConfig.load(path) == config
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("extraction: {max_size: 256, scales: [1.0, 0.5]}\n"
+                       "codebook: {size: 1024}\nmda: {num_heads: 2}\nglam: {output_dim: 256}\n")
+    loaded = SystemConfig.load(partial)
+    assert loaded.extraction.max_size == 256 and loaded.extraction.scales == (1.0, 0.5)
+    assert loaded.codebook.size == 1024 and loaded.mda.num_heads == 2
+    assert loaded.glam.output_dim == 256
+    assert loaded.asmk == AsmkConfig() and loaded.extraction.top_n == 1000  # defaults kept
+
+
+@pytest.mark.parametrize("text, message", [
+    ("extraction: {max_sise: 3}\n", "unknown key"),
+    ("asmk: {binary: 3}\n", "true/false"),
+    ("- a list\n", "mapping"),
+    ("extraction: [unclosed\n", "not valid YAML"),
+    ("mda: {num_heads: 0}\n", "num_heads"),
+])
+def test_config_errors_name_the_file_and_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        SystemConfig.load(path)
+    assert "bad.yaml" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        SystemConfig.load(tmp_path / "missing.yaml")
+
+
+def test_codebook_size_is_capped_for_small_collections():
+    settings = CodebookConfig(size=65536, min_descriptors_per_word=30)
+    assert settings.size_for(10_000_000) == 65536
+    assert settings.size_for(30_000) == 1000
+    assert settings.size_for(30_000, requested=512) == 512
+    assert settings.size_for(10) == 2
+
+
+# ----------------------------------------------------------------------------- demo data
+def test_demo_collection_is_real_photos_with_views_and_distractors(tmp_path):
+    collection = make_demo_collection(tmp_path / "demo", views_per_object=3, distractors=4,
+                                      max_side=96)
+    database = sorted(p.name for p in collection.database.iterdir())
+    assert len(database) == 5 * 3 + 4 and len(collection.query_paths) == 5
+    for query, members in collection.groundtruth.items():
+        assert (collection.queries / query).is_file()
+        assert len(members) == 3 and set(members) <= set(database)
+    for path in list(collection.database.iterdir()) + collection.query_paths:
+        with Image.open(path) as image:
+            assert image.mode == "RGB" and max(image.size) <= 96
+    assert json.loads((collection.root / "groundtruth.json").read_text()) == \
+        collection.groundtruth
+    again = make_demo_collection(tmp_path / "demo2", views_per_object=3, distractors=4,
+                                 max_side=96)
+    first = np.asarray(Image.open(collection.query_paths[0]))
+    assert np.array_equal(first, np.asarray(Image.open(again.query_paths[0])))  # same seed
+
+
+def test_generated_views_change_the_image():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (60, 80, 3), np.uint8))
+    for kind in ("crop", "rotate", "perspective", "light", "mixed"):
+        view = make_view(image, kind, rng)
+        assert view.mode == "RGB"
+        assert view.size != image.size or not np.array_equal(np.asarray(view),
+                                                             np.asarray(image))
+
+
+# ----------------------------------------------------------------------------- queries
+def test_prepare_query_crops_in_original_pixels_then_downscales(tmp_path):
+    array = np.zeros((400, 600, 3), np.uint8)
+    array[100:300, 200:400] = 255
+    path = tmp_path / "query.png"
+    Image.fromarray(array).save(path)
+    cropped = prepare_query_image(path, max_size=100, bbox=(200, 100, 400, 300))
+    assert cropped.shape == (100, 100, 3) and cropped.min() == 255
+    whole = prepare_query_image(Image.fromarray(array), max_size=300)
+    assert whole.shape == (200, 300, 3)
+    floats = prepare_query_image(array.astype(np.float32) / 255.0, max_size=600)
+    assert floats.dtype == np.uint8 and floats.max() == 255
+    with pytest.raises(TypeError, match="unsupported query type"):
+        prepare_query_image(42, max_size=100)
+    with pytest.raises(ValueError, match="empty"):
+        prepare_query_image(array, max_size=100, bbox=(700, 0, 800, 10))
+
+
+# ----------------------------------------------------------------------------- matching
+def _features(descriptors, rng):
+    n = descriptors.shape[0]
+    return LocalFeatureSet(descriptors=descriptors.astype(np.float32),
+                           attention=np.ones(n, np.float32), head=np.zeros(n, np.int16),
+                           x=rng.uniform(0, 100, n).astype(np.float32),
+                           y=rng.uniform(0, 80, n).astype(np.float32),
+                           scale=np.ones(n, np.float32))
+
+
+def test_matches_are_features_sharing_a_selective_word():
+    rng = np.random.default_rng(0)
+    training = rng.standard_normal((2000, 16)).astype(np.float32)
+    training /= np.linalg.norm(training, axis=1, keepdims=True)
+    codebook = Codebook.train(training, 8, seed=0)
+    base = training[:60]
+    query = _features(base, rng)
+    same = _features(base + 0.01 * rng.standard_normal(base.shape).astype(np.float32), rng)
+    matches = match_local_features(query, same, codebook, asmk=AsmkConfig(), pairs_per_word=1)
+    assert len(matches) > 0
+    assert np.all(matches.selectivity > 0)
+    query_words = codebook.quantize(base, 5)
+    result_words = codebook.quantize(same.descriptors, 1)[:, 0]
+    for i, j, word in zip(matches.query_index, matches.result_index, matches.word):
+        assert word in query_words[i] and result_words[j] == word
+    # the best pair of a word is the near-duplicate of the query feature
+    assert np.mean(matches.query_index == matches.result_index) > 0.8
+    points = matches.points(query, same)
+    assert points.shape == (len(matches), 4)
+    assert np.allclose(points[:, 0], query.x[matches.query_index])
+    empty = match_local_features(query, _features(np.zeros((0, 16)), rng), codebook)
+    assert len(empty) == 0
+
+
+# ----------------------------------------------------------------------------- HTML
+def test_html_page_is_self_contained_with_lines_per_match(tmp_path):
+    rng = np.random.default_rng(0)
+    query = rng.integers(0, 255, (120, 160, 3), np.uint8)
+    results = [HtmlResult(rank=1, name="a <b>.jpg", image=query, score=0.5, global_score=0.9,
+                          asmk_score=0.5,
+                          matches=np.array([[10, 10, 20, 20], [50, 60, 70, 80]], np.float32),
+                          words=np.array([3, 4])),
+               HtmlResult(rank=2, name="c.jpg", image=query[:60], score=0.1, global_score=0.2,
+                          asmk_score=float("nan"))]
+    page = render_results_page([("q.jpg", query, results)], title="T")
+    assert page.count("data:image/jpeg;base64,") == 1 + 2 * 2
+    assert page.count("<line ") == 2
+    assert "a &lt;b&gt;.jpg" in page and "http" not in page.replace("http://www.w3.org", "")
+    assert re.search(r">0\.9000<", page) and re.search(r">-<", page)  # NaN shown as '-'
+    path = write_results_page(tmp_path / "sub" / "page.html", [("q.jpg", query, results)])
+    assert path.read_text() == render_results_page([("q.jpg", query, results)])
+
+
+# ----------------------------------------------------------------------------- evaluation
+def test_full_ranking_appends_unranked_images_in_fallback_order():
+    ranking = _full_ranking([3, -1, 1], np.array([1, 0, 4, 2, 3]), 6)
+    assert ranking.tolist() == [3, 1, 0, 4, 2, 5]
+
+
+def test_ukbench_layout_detection():
+    gnd = [{"easy": [j for j in range(4 * (i // 4), 4 * (i // 4) + 4) if j != i], "hard": [],
+            "junk": [i]} for i in range(8)]
+    assert is_ukbench_layout(gnd, list(range(8)))
+    assert not is_ukbench_layout(gnd, [None] + list(range(1, 8)))
+    gnd[0] = {"easy": [1, 2], "hard": [], "junk": [0]}
+    assert not is_ukbench_layout(gnd, list(range(8)))
+
+
+# ----------------------------------------------------------------------------- CLI parsing
+def test_index_script_refuses_incomplete_arguments(capsys):
+    from pipelines import index as index_script
+    with pytest.raises(SystemExit):
+        index_script.parse_arguments(["--out", "x"])
+    with pytest.raises(SystemExit):
+        index_script.parse_arguments(["--out", "x", "--images", "folder"])
+    args = index_script.parse_arguments(["--out", "x", "--images", "f", "--append"])
+    assert args.append and args.codebook is None
+    assert "--codebook" in capsys.readouterr().err
+
+
+def test_build_codebook_script_applies_overrides(tmp_path):
+    from pipelines import build_codebook as script
+    from pipelines._common import config_from_arguments
+    (tmp_path / "c.yaml").write_text("extraction: {top_n: 300}\n")
+    args = script.parse_arguments(["--images", "i", "--out", "o", "--config",
+                                   str(tmp_path / "c.yaml"), "--max-size", "128",
+                                   "--scales", "1", "0.5"])
+    config = config_from_arguments(args)
+    assert config.extraction.max_size == 128 and config.extraction.scales == (1.0, 0.5)
+    assert config.extraction.top_n == 300
+
+
+# ----------------------------------------------------------------------------- feature cache
+def test_feature_cache_of_other_models_is_discarded(tmp_path):
+    from asmk_index.feature_file import FeatureFileWriter
+    from retrieval.extraction import discard_stale_feature_file
+    attributes = {"kind": "global", "models_id": "abc", "extraction": {"scales": [1.0, 0.5]}}
+    path = tmp_path / "global.h5"
+    with FeatureFileWriter(path, kind="global", dim=4, attributes=attributes) as writer:
+        writer.add("a.jpg", np.ones((1, 4), np.float32))
+    discard_stale_feature_file(path, {**attributes, "extraction": {"scales": (1.0, 0.5)}})
+    assert path.is_file()  # same models and settings: kept (resumable)
+    discard_stale_feature_file(path, {**attributes, "models_id": "other"})
+    assert not path.exists()
+    path.write_text("not hdf5")
+    discard_stale_feature_file(path, attributes)
+    assert not path.exists()

@@ -33,6 +33,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         default=DEMO_CONFIG_OVERRIDES["extraction"]["max_size"],
                         help="longest image side for extraction")
     parser.add_argument("--k", type=int, default=6, help="results shown per query")
+    parser.add_argument("--views", type=int, default=4, help="database views per object")
+    parser.add_argument("--distractors", type=int, default=12, help="distractor images")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
     start = time.perf_counter()
     summary = run_demo(args.out, max_size=args.max_size, k=args.k, progress=not args.no_progress,
-                       printer=print)
+                       views_per_object=args.views, distractors=args.distractors, printer=print)
     print(f"\nretrieval of the unseen views: {summary['first_hit_correct']}/{summary['queries']} "
           f"queries have a view of their object at rank 1; mean precision@{summary['views']} "
           f"{summary['precision_at_views']:.2f}")

@@ -15,19 +15,12 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import yaml
 
-
-def _default_mda_config():
-    from mda.config import MdaConfig
-    return MdaConfig()
-
-
-def _default_glam_config():
-    from glam.config import GlamConfig
-    return GlamConfig()
+from glam.config import GlamConfig
+from mda.config import MdaConfig
 
 
 @dataclass
@@ -94,8 +87,8 @@ class SystemConfig:
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     asmk: AsmkConfig = field(default_factory=AsmkConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
-    mda: Any = field(default_factory=_default_mda_config)
-    glam: Any = field(default_factory=_default_glam_config)
+    mda: MdaConfig = field(default_factory=MdaConfig)
+    glam: GlamConfig = field(default_factory=GlamConfig)
 
     # ----------------------------------------------------------------- dict / YAML
     def to_dict(self) -> dict:

@@ -26,7 +26,13 @@ import numpy as np
 from asmk_index.persistence import (FORMAT_VERSION, MANIFEST_NAME, IndexFormatError,
                                     atomic_directory, sha256_of_file)
 
-from mda.extract import LOCAL_FIELDS
+from asmk_index.codebook import Codebook
+from glam.config import ExtractionConfig as GlamExtractionConfig
+from glam.extract import GlobalExtractor, extract_global_descriptor
+from glam.model import GlamModel
+from mda.config import ExtractionConfig as MdaExtractionConfig
+from mda.extract import LOCAL_FIELDS, LocalFeatureExtractor, extract_local_features
+from mda.model import MdaModel
 
 from .config import SystemConfig, resolve_device
 
@@ -56,12 +62,6 @@ class LocalFeatureSet:
         return {name: np.asarray(getattr(self, name)).astype(dtype)
                 for name, dtype in self.FIELDS.items()}
 
-    @classmethod
-    def from_record(cls, record: dict) -> "LocalFeatureSet":
-        """From a feature-file record ``{"descriptors": ..., <field>: ...}``."""
-        return cls(descriptors=np.asarray(record["descriptors"], np.float32),
-                   **{name: np.asarray(record[name]) for name in cls.FIELDS})
-
 
 class ModelBundle:
     """MDA + GLAM models, the codebook and the config of one collection; extraction helpers."""
@@ -80,8 +80,6 @@ class ModelBundle:
     @classmethod
     def initialize(cls, config: SystemConfig, fit_images: Sequence[np.ndarray]) -> "ModelBundle":
         """Build untrained-head models and learn their PCA reduction/whitening from ``fit_images``."""
-        from glam.model import GlamModel
-        from mda.model import MdaModel
         if not fit_images:
             raise ValueError("no images to initialise the models from (all failed to load?)")
         mda_model = MdaModel(config.mda)
@@ -98,38 +96,32 @@ class ModelBundle:
 
     # ------------------------------------------------------------------ extraction
     def mda_extraction_config(self):
-        from mda.config import ExtractionConfig as MdaExtractionConfig
         extraction = self.config.extraction
         return MdaExtractionConfig(scales=tuple(extraction.scales), max_size=extraction.max_size,
                                    top_n=extraction.top_n)
 
     def glam_extraction_config(self):
-        from glam.config import ExtractionConfig as GlamExtractionConfig
         extraction = self.config.extraction
         return GlamExtractionConfig(scales=tuple(extraction.scales), max_size=extraction.max_size)
 
     def local_features(self, image: np.ndarray) -> LocalFeatureSet:
         """MDA local features of an (H, W, 3) uint8 image (already at most ``max_size``)."""
-        from mda.extract import extract_local_features
         features = extract_local_features(self.mda, image, config=self.mda_extraction_config())
         return LocalFeatureSet(**{name: np.asarray(getattr(features, name))
                                   for name in ("descriptors", *LocalFeatureSet.FIELDS)})
 
     def global_descriptor(self, image: np.ndarray) -> np.ndarray:
         """GLAM global descriptor (512,) float32 of an (H, W, 3) uint8 image."""
-        from glam.extract import extract_global_descriptor
         return np.asarray(extract_global_descriptor(self.glam, image,
                                                     config=self.glam_extraction_config()),
                           dtype=np.float32).reshape(-1)
 
     def local_extractor(self):
         """Callable for ``imagedata.extraction.extract_to_file``: image tensor -> local features."""
-        from mda.extract import LocalFeatureExtractor
         return LocalFeatureExtractor(self.mda, self.mda_extraction_config())
 
     def global_extractor(self):
         """Callable for ``imagedata.extraction.extract_to_file``: image tensor -> (1, D) global."""
-        from glam.extract import GlobalExtractor
         return GlobalExtractor(self.glam, self.glam_extraction_config())
 
     def feature_attributes(self, kind: str) -> dict:
@@ -172,9 +164,6 @@ class ModelBundle:
     def load(cls, directory: str | os.PathLike, *, require_codebook: bool = True,
              device: str | None = None) -> "ModelBundle":
         """Read a bundle; checks version, kind and checksums; ``device`` overrides the config's."""
-        from asmk_index.codebook import Codebook
-        from glam.model import GlamModel
-        from mda.model import MdaModel
         directory = Path(directory)
         files = verify_models_directory(directory)
         if require_codebook and CODEBOOK_FILE not in files:

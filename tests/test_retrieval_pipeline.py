@@ -271,3 +271,4 @@ def test_command_line_scripts_and_html(collection, tmp_path, capsys):
                               "--no-progress"]) == 0
     assert len(RetrievalIndex.load(copy)) == 4 * BASE_OBJECTS - 2
     assert index_script.main(["--out", str(tmp_path / "missing"), "--remove", "x.jpg"]) == 2
+

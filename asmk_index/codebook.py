@@ -13,7 +13,8 @@ from .validation import check_descriptors
 
 CODEBOOK_KIND = "asmk_codebook"
 QUANTIZE_BATCH = 1 << 18  # descriptors per faiss search call (bounds the distance buffers)
-SINGLE_THREAD_ROWS = 4096  # smaller inputs (one query image) search faster on one CPU thread
+SINGLE_THREAD_WORK = 1 << 28  # rows * words * dim below this (one query image against a few
+# thousand words) search faster on one CPU thread than with OpenMP start-up costs
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,8 @@ class Codebook:
             return words
         if self._search_index is None:
             self._search_index = self._build_search_index()
-        small = descriptors.shape[0] < SINGLE_THREAD_ROWS and not _use_gpu()
+        work = descriptors.shape[0] * self.size * self.dim
+        small = work < SINGLE_THREAD_WORK and not _use_gpu()
         with _cpu_threads(1) if small else contextlib.nullcontext():
             for start in range(0, descriptors.shape[0], QUANTIZE_BATCH):
                 chunk = descriptors[start:start + QUANTIZE_BATCH]

@@ -12,6 +12,7 @@ from libc.math cimport sqrt
 cdef extern from *:
     """
     #include <stdint.h>
+    #include <stdlib.h>
     #include <math.h>
 
     #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -100,15 +101,27 @@ cdef extern from *:
 
     #define ASMK_PREFETCH_AHEAD 8
 
-    /* Residual sums per run of (descriptor, word) pairs; see aggregate_residuals(). */
-    static void asmk_aggregate(const float *restrict X, const float *restrict C, int64_t D,
-                               const int64_t *restrict pair_descriptor,
-                               const int64_t *restrict pair_word,
-                               const int64_t *restrict group_starts, int64_t G, int64_t n_pairs,
-                               int binary, uint64_t *restrict codes, float *restrict vecs,
-                               float *restrict acc) {
+    /* Residual sums per run of (descriptor, word) pairs; see aggregate_residuals(). Groups are
+       independent: with OpenMP (compile with -fopenmp) they are shared among threads, each with
+       its own accumulator. Returns 0, or -1 when out of memory. */
+    static int asmk_aggregate(const float *restrict X, const float *restrict C, int64_t D,
+                              const int64_t *restrict pair_descriptor,
+                              const int64_t *restrict pair_word,
+                              const int64_t *restrict group_starts, int64_t G, int64_t n_pairs,
+                              int binary, uint64_t *restrict codes, float *restrict vecs) {
         const int64_t W = (D + 63) / 64;
+        int failed = 0;
+    #ifdef _OPENMP
+        #pragma omp parallel reduction(|:failed)
+    #endif
+        {
+        float *restrict acc = (float *)malloc((size_t)D * sizeof(float));
+        if (acc == NULL) failed = 1;
+    #ifdef _OPENMP
+        #pragma omp for schedule(dynamic, 4096)
+    #endif
         for (int64_t g = 0; g < G; ++g) {
+            if (acc == NULL) continue;
             const int64_t end = g + 1 < G ? group_starts[g + 1] : n_pairs;
             for (int64_t j = 0; j < D; ++j) acc[j] = 0.0f;
             for (int64_t p = group_starts[g]; p < end; ++p) {
@@ -149,6 +162,9 @@ cdef extern from *:
                 for (int64_t j = 0; j < D; ++j) out[j] = acc[j] / denominator;
             }
         }
+        free(acc);
+        }
+        return failed ? -1 : 0;
     }
 
     static inline double asmk_selectivity(float u, double alpha, double threshold) {
@@ -221,10 +237,9 @@ cdef extern from *:
                                    const uint32_t *fwd_positions, const int64_t *fwd_offsets,
                                    const int64_t *local_docs, int64_t nc, const double *lut,
                                    double *out) nogil
-    void asmk_aggregate(const float *X, const float *C, int64_t D, const int64_t *pair_descriptor,
-                        const int64_t *pair_word, const int64_t *group_starts, int64_t G,
-                        int64_t n_pairs, int binary, uint64_t *codes, float *vecs,
-                        float *acc) nogil
+    int asmk_aggregate(const float *X, const float *C, int64_t D, const int64_t *pair_descriptor,
+                       const int64_t *pair_word, const int64_t *group_starts, int64_t G,
+                       int64_t n_pairs, int binary, uint64_t *codes, float *vecs) nogil
     void asmk_scan_float(const float *qvecs, const int64_t *qwords, const double *qweights,
                          int64_t nq, const int64_t *offsets, const float *vecs,
                          const uint32_t *docs, int64_t D, double alpha, double threshold,
@@ -282,8 +297,6 @@ def aggregate_residuals(const float[:, ::1] descriptors, const float[:, ::1] cen
     cdef int64_t G = group_starts.shape[0]
     cdef int64_t n_pairs = pair_descriptor.shape[0]
     cdef int64_t W = (D + 63) // 64
-    accumulator_array = np.zeros(D, dtype=np.float32)
-    cdef float[::1] acc = accumulator_array
     codes_array = np.zeros((G if binary else 0, W), dtype=np.uint64)
     vecs_array = np.zeros((0 if binary else G, D), dtype=np.float32)
     cdef uint64_t[:, ::1] codes = codes_array
@@ -296,10 +309,13 @@ def aggregate_residuals(const float[:, ::1] descriptors, const float[:, ::1] cen
         codes_pointer = &codes[0, 0]
     else:
         vecs_pointer = &vecs[0, 0]
+    cdef int status
     with nogil:
-        asmk_aggregate(&descriptors[0, 0], &centroids[0, 0], D, &pair_descriptor[0],
-                       &pair_word[0], &group_starts[0], G, n_pairs, binary, codes_pointer,
-                       vecs_pointer, &acc[0])
+        status = asmk_aggregate(&descriptors[0, 0], &centroids[0, 0], D, &pair_descriptor[0],
+                                &pair_word[0], &group_starts[0], G, n_pairs, binary,
+                                codes_pointer, vecs_pointer)
+    if status != 0:
+        raise MemoryError("aggregate_residuals: no memory for the accumulators")
     return codes_array if binary else vecs_array
 
 

@@ -81,6 +81,35 @@ def run_variant(tap: str, heads: int, scale_factor: float, paths: list[Path], gn
     }
 
 
+def time_variants(variants: list[str], paths: list[Path], args) -> None:
+    """Extraction time only: per image the minimum of ``--repeats`` runs (robust to a shared CPU),
+    then the median over images; per scale likewise."""
+    print(f"\ntiming only: {len(paths)} photos, min of {args.repeats} runs per image, median over images")
+    header = "| variant | ms/img | ratio | " + " | ".join(f"ms @{s} (x factor)" for s in args.scales) + " |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    base = None
+    for item in variants:
+        tap, heads, *factor = item.split(":")
+        factor = float(factor[0]) if factor else 1.0
+        model = MdaModel(MdaConfig(backbone=BackboneConfig(tap=tap), num_heads=int(heads)))
+        extraction = ExtractionConfig(scales=tuple(s * factor for s in args.scales), max_size=args.max_size,
+                                      top_n=args.top_n)
+        extract_local_features(model, paths[0], config=extraction)            # warm-up
+        totals, per_scale = [], {s: [] for s in extraction.scales}
+        for path in paths:
+            runs = [extract_local_features(model, path, config=extraction).timings for _ in range(args.repeats)]
+            totals.append(min(r["total"] for r in runs))
+            for scale in extraction.scales:
+                if scale in runs[0]:
+                    per_scale[scale].append(min(r[scale] for r in runs))
+        total = 1000 * float(np.median(totals))
+        base = base or total
+        cells = " | ".join(f"{1000 * float(np.median(v)):.1f}" if v else "-" for v in per_scale.values())
+        name = f"lite0 {tap} N={heads}" + (f" scales x{factor:g}" if factor != 1 else "")
+        print(f"| {name} | {total:.1f} | {total / base:.2f} | {cells} |", flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -94,6 +123,9 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", default=["stride16:4", "stride32:4", "stride16:1", "stride16:8"],
                         help="TAP:HEADS[:SCALE_FACTOR] items (SCALE_FACTOR multiplies every pyramid scale, "
                              "e.g. stride32:4:2 gives stride 32 the feature grid of stride 16)")
+    parser.add_argument("--timing-only", type=int, default=0, metavar="N",
+                        help="only time extraction on the first N photos (no retrieval)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per image in --timing-only")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch/faiss CPU threads (1 is far faster on a shared, oversubscribed machine)")
     args = parser.parse_args(argv)
@@ -107,6 +139,9 @@ def main(argv=None) -> None:
         paths, gnd = paths[: args.limit], [
             {k: ([i for i in v if i < args.limit] if isinstance(v, list) else v) for k, v in g.items()}
             for g in gnd[: args.limit]]
+    if args.timing_only:
+        time_variants(args.variants, paths[: args.timing_only], args)
+        return
     print(f"ukbench-dev: {len(paths)} photos, max side {args.max_size}, scales {args.scales}, top-n {args.top_n}, "
           f"codebook {args.codebook} words, binarized ASMK* (alpha 3, tau 0, query MA 5), untrained heads, "
           f"reduction PCA-whitened on {min(args.fit_images, len(paths))} photos x {args.fit_features} features, "

@@ -116,7 +116,8 @@ class TrainConfig:
 
     margin: contrastive margin on L2 distances of the heads' global descriptors (HOW: 0.8).
     diversity_weight: lambda of the diversity penalty.
-    image_size: training images are resized so the longer side is this.
+    image_size: training images are resized to image_size x image_size (square, so batches stack;
+        imagedata.datasets.TrainImageConfig); also the max side for fit_reduction in the CLI.
     batch_size: pairs (labelled) or images (unlabelled: each gives two augmented views) per step.
     train_backbone: False freezes the backbone (head-only training).
     checkpoint_every: steps between checkpoints (0 = only at the end of each epoch).

@@ -81,8 +81,7 @@ class AsmkIndex:
         self.params = AsmkParams(bool(binary), float(alpha), float(similarity_threshold),
                                  int(multiple_assignment), int(query_multiple_assignment),
                                  bool(use_idf))
-        KernelParams(self.params.binary, self.params.alpha,
-                     self.params.similarity_threshold)  # raises ValueError on bad alpha/threshold
+        self.kernel_params = self.params.kernel  # raises ValueError on bad alpha / threshold
         for name in ("multiple_assignment", "query_multiple_assignment"):
             value = getattr(self.params, name)
             if not 1 <= value <= codebook.size:

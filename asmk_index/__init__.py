@@ -1,1 +1,22 @@
-"""asmk_index: the ASMK* engine and the two-stage index, on descriptors only (numpy, faiss, h5py)."""
+"""asmk_index: the ASMK* engine and the two-stage index, on descriptors only (numpy, faiss, h5py).
+
+    from asmk_index import Codebook, AsmkIndex, GlobalIndex, TwoStageIndex
+    codebook = Codebook.train(descriptors, 65536)                 # faiss k-means (GPU when present)
+    index = AsmkIndex(codebook)                                    # binarized ASMK*, alpha 3, tau 0
+    index.add(descriptors, image_ids)                              # one int id per descriptor
+    ids, scores = index.search(query_descriptors, k=100)          # full inverted-file search
+    scores = index.score(query_descriptors, candidate_ids)         # stage 2: only those images
+    index.save("asmk_dir"); index = AsmkIndex.load("asmk_dir")
+
+No torch here: any extractor's local descriptors (MDA, HOW, FIRe, DELG...) can be indexed.
+"""
+from .asmk import AsmkIndex, AsmkParams
+from .codebook import Codebook
+from .feature_file import FeatureFile, FeatureFileWriter
+from .global_index import GlobalIndex
+from .interop import codebook_from_asmk_state
+from .persistence import IndexFormatError
+from .two_stage import SearchResult, TwoStageIndex
+
+__all__ = ["AsmkIndex", "AsmkParams", "Codebook", "FeatureFile", "FeatureFileWriter", "GlobalIndex",
+           "IndexFormatError", "SearchResult", "TwoStageIndex", "codebook_from_asmk_state"]

@@ -24,6 +24,8 @@ def check_descriptors(descriptors, *, dim: int | None = None, name: str = "descr
     if array.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name}: no descriptors (an empty (0, {array.shape[1]}) array)")
     array = np.ascontiguousarray(array, dtype=np.float32)
+    if array.size and np.isfinite(array.min()) and np.isfinite(array.max()):
+        return array  # fast path: min/max propagate NaN and inf without an (N, D) mask
     finite = np.isfinite(array).all(axis=1)
     if not finite.all():
         bad = np.flatnonzero(~finite)

@@ -18,8 +18,8 @@ logger = logging.getLogger(__name__)
 #: GLAM's FC starts as a PCA rotation without whitening: whitening 512 dims learned from a few
 #: dozen images amplifies noise (views of one object: cosine 0.75 unwhitened vs ~0 whitened).
 DEMO_CONFIG_OVERRIDES = {
-    "extraction": {"max_size": 256, "scales": [1.0, 0.7071], "top_n": 300},
-    "codebook": {"fit_images": 24},
+    "extraction": {"max_size": 320, "scales": [1.0, 0.7071, 0.5], "top_n": 400},
+    "codebook": {"fit_images": 40},
     "glam": {"whitening_power": 0.0},
     "search": {"shortlist": 100},
 }

@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Compiled ASMK* hot loops: stable counting sort, residual aggregation, inverted-file scans.
+"""Compiled ASMK* hot loops: stable counting / per-image radix sorts, residual aggregation (with a
+finiteness probe), inverted-file scans.
 
 Everything works on plain C-contiguous arrays and releases the GIL. Binary codes are packed into
 uint64 words (``W = ceil(D / 64)``; dimension ``j`` is bit ``63 - j % 64`` of word ``j // 64``,
@@ -8,12 +9,14 @@ full scan and the per-image forward-index scoring add the very same terms in the
 """
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.math cimport sqrt
+from libc.string cimport memcpy
 
 cdef extern from *:
     """
     #include <stdint.h>
     #include <stdlib.h>
     #include <math.h>
+    #include <string.h>
 
     #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
     #define ASMK_POPCNT_ATTR __attribute__((target("popcnt")))
@@ -47,8 +50,8 @@ cdef extern from *:
                 for (int64_t p = offsets[w]; p < end; ++p) {                                   \\
                     const int h = __builtin_popcountll(q0 ^ codes[2 * p])                      \\
                                 + __builtin_popcountll(q1 ^ codes[2 * p + 1]);                 \\
-                    const double s = lut[h];                                                   \\
-                    if (s != 0.0) acc[docs[p]] += weight * s;                                  \\
+                    /* branch-free: adding +0.0 leaves every sum (never -0.0) unchanged */    \\
+                    acc[docs[p]] += weight * lut[h];                                           \\
                 }                                                                              \\
             } else {                                                                           \\
                 for (int64_t p = offsets[w]; p < end; ++p) {                                   \\
@@ -103,16 +106,17 @@ cdef extern from *:
 
     /* Residual sums per run of (descriptor, word) pairs; see aggregate_residuals(). Groups are
        independent: with OpenMP (compile with -fopenmp) they are shared among threads, each with
-       its own accumulator. Returns 0, or -1 when out of memory. */
+       its own accumulator. Returns 0, 1 when a descriptor row holds NaN or inf, or -1 when out
+       of memory. */
     static int asmk_aggregate(const float *restrict X, const float *restrict C, int64_t D,
                               const int64_t *restrict pair_descriptor,
                               const int64_t *restrict pair_word,
                               const int64_t *restrict group_starts, int64_t G, int64_t n_pairs,
                               int binary, uint64_t *restrict codes, float *restrict vecs) {
         const int64_t W = (D + 63) / 64;
-        int failed = 0;
+        int failed = 0, nonfinite = 0;
     #ifdef _OPENMP
-        #pragma omp parallel reduction(|:failed)
+        #pragma omp parallel reduction(|:failed) reduction(|:nonfinite)
     #endif
         {
         float *restrict acc = (float *)malloc((size_t)D * sizeof(float));
@@ -136,6 +140,22 @@ cdef extern from *:
                     }
                 }
                 for (int64_t j = 0; j < D; ++j) acc[j] += x[j] - c[j];
+            }
+            {   /* finiteness probe: is some acc[j] NaN or inf? A non-finite descriptor
+                   always makes its sums non-finite, so a finite acc proves its rows finite */
+                uint32_t all_ones_exponent = 0;  /* bitwise, so that the loop vectorises */
+                for (int64_t j = 0; j < D; ++j) {
+                    uint32_t u;
+                    memcpy(&u, acc + j, sizeof u);
+                    all_ones_exponent |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
+                }
+                if (all_ones_exponent) {
+                    for (int64_t p = group_starts[g]; p < end; ++p) {
+                        const float *restrict x = X + pair_descriptor[p] * D;
+                        for (int64_t j = 0; j < D; ++j)
+                            if (!(x[j] - x[j] == 0.0f)) nonfinite = 1;
+                    }
+                }
             }
             if (binary) {
                 uint64_t *restrict out = codes + g * W;
@@ -164,7 +184,79 @@ cdef extern from *:
         }
         free(acc);
         }
-        return failed ? -1 : 0;
+        return failed ? -1 : (nonfinite ? 1 : 0);
+    }
+
+    /* Stable sort of n (word, descriptor) items by word (words < 2^bits): insertion sort for
+       short runs, else LSD radix sort with digits of at most 8 bits; tmp_* are scratch of n. */
+    static void asmk_sort_by_word(int64_t *w, int64_t *d, int64_t *tmp_w, int64_t *tmp_d,
+                                  int64_t n, int bits) {
+        if (n <= 48) {
+            for (int64_t i = 1; i < n; ++i) {
+                const int64_t kw = w[i], kd = d[i];
+                int64_t j = i;
+                while (j > 0 && w[j - 1] > kw) { w[j] = w[j - 1]; d[j] = d[j - 1]; --j; }
+                w[j] = kw; d[j] = kd;
+            }
+            return;
+        }
+        const int passes = bits <= 0 ? 0 : (bits + 7) / 8;
+        if (passes == 0) return;
+        const int digit = (bits + passes - 1) / passes;
+        const int64_t buckets = (int64_t)1 << digit;
+        int64_t counts[256];
+        int64_t *src_w = w, *src_d = d, *dst_w = tmp_w, *dst_d = tmp_d;
+        for (int pass = 0; pass < passes; ++pass) {
+            const int shift = pass * digit;
+            for (int64_t b = 0; b < buckets; ++b) counts[b] = 0;
+            for (int64_t i = 0; i < n; ++i) ++counts[(src_w[i] >> shift) & (buckets - 1)];
+            int64_t total = 0;
+            for (int64_t b = 0; b < buckets; ++b) { const int64_t c = counts[b]; counts[b] = total; total += c; }
+            for (int64_t i = 0; i < n; ++i) {
+                const int64_t at = counts[(src_w[i] >> shift) & (buckets - 1)]++;
+                dst_w[at] = src_w[i]; dst_d[at] = src_d[i];
+            }
+            int64_t *t;
+            t = src_w; src_w = dst_w; dst_w = t;
+            t = src_d; src_d = dst_d; dst_d = t;
+        }
+        if (src_w != w) {
+            for (int64_t i = 0; i < n; ++i) { w[i] = src_w[i]; d[i] = src_d[i]; }
+        }
+    }
+
+    /* Group the (descriptor, word) pairs of every image run by word; see group_pairs(). Returns
+       the number of groups G, or -1 when out of memory. */
+    static int64_t asmk_group_pairs(const int64_t *restrict words, int64_t ma,
+                                    const int64_t *restrict descriptor_order,
+                                    const int64_t *restrict image_starts, int64_t n_images,
+                                    int bits, int64_t *restrict pair_descriptor,
+                                    int64_t *restrict pair_word, int64_t *restrict group_starts,
+                                    int64_t *restrict group_image) {
+        int64_t longest = 0;
+        for (int64_t i = 0; i < n_images; ++i) {
+            const int64_t n = (image_starts[i + 1] - image_starts[i]) * ma;
+            if (n > longest) longest = n;
+        }
+        int64_t *tmp = (int64_t *)malloc((size_t)(2 * longest + 2) * sizeof(int64_t));
+        if (tmp == NULL) return -1;
+        int64_t G = 0;
+        for (int64_t i = 0; i < n_images; ++i) {
+            const int64_t first = image_starts[i] * ma;
+            const int64_t n = (image_starts[i + 1] - image_starts[i]) * ma;
+            int64_t *w = pair_word + first, *d = pair_descriptor + first;
+            int64_t k = 0;
+            for (int64_t t = image_starts[i]; t < image_starts[i + 1]; ++t) {
+                const int64_t desc = descriptor_order ? descriptor_order[t] : t;
+                for (int64_t a = 0; a < ma; ++a, ++k) { w[k] = words[desc * ma + a]; d[k] = desc; }
+            }
+            asmk_sort_by_word(w, d, tmp, tmp + longest + 1, n, bits);
+            for (int64_t p = 0; p < n; ++p) {
+                if (p == 0 || w[p] != w[p - 1]) { group_starts[G] = first + p; group_image[G] = i; ++G; }
+            }
+        }
+        free(tmp);
+        return G;
     }
 
     static inline double asmk_selectivity(float u, double alpha, double threshold) {
@@ -237,6 +329,10 @@ cdef extern from *:
                                    const uint32_t *fwd_positions, const int64_t *fwd_offsets,
                                    const int64_t *local_docs, int64_t nc, const double *lut,
                                    double *out) nogil
+    int64_t asmk_group_pairs(const int64_t *words, int64_t ma, const int64_t *descriptor_order,
+                             const int64_t *image_starts, int64_t n_images, int bits,
+                             int64_t *pair_descriptor, int64_t *pair_word, int64_t *group_starts,
+                             int64_t *group_image) nogil
     int asmk_aggregate(const float *X, const float *C, int64_t D, const int64_t *pair_descriptor,
                        const int64_t *pair_word, const int64_t *group_starts, int64_t G,
                        int64_t n_pairs, int binary, uint64_t *codes, float *vecs) nogil
@@ -283,15 +379,84 @@ def stable_argsort_by(const int64_t[::1] keys, int64_t n_keys, const int64_t[::1
     return result
 
 
+def group_pairs(const int64_t[:, ::1] words, const int64_t[::1] image_starts, int64_t n_words,
+                descriptor_order=None):
+    """Group the (descriptor, word) pairs of every image by word, keeping descriptor order.
+
+    words: (N, ma) int64 in [0, n_words); image_starts: (n_images + 1,) int64, image ``i`` owns
+    positions ``image_starts[i] .. image_starts[i+1]-1`` of ``descriptor_order`` (N,) int64
+    (``None``: the identity, i.e. each image's descriptors are contiguous). Returns
+    (pair_descriptor (P,), pair_word (P,), group_starts (G,), group_image (G,)), all int64,
+    P = N * ma: pairs sorted by (image, word), stable, and the first pair and image of every
+    (image, word) group. Each image is sorted on its own (cache-resident radix sort).
+    """
+    cdef int64_t n = words.shape[0], ma = words.shape[1]
+    cdef int64_t n_images = image_starts.shape[0] - 1
+    cdef int64_t n_pairs = n * ma
+    cdef int bits = 0
+    while (<int64_t>1 << bits) < n_words:
+        bits += 1
+    cdef const int64_t[::1] order_view
+    cdef const int64_t *order_pointer = NULL
+    if descriptor_order is not None:
+        order_view = descriptor_order
+        if order_view.shape[0] != n:
+            raise ValueError("descriptor_order must have one entry per descriptor")
+        if n:
+            order_pointer = &order_view[0]
+    if n_images < 0 or image_starts[0] != 0 or image_starts[n_images] != n:
+        raise ValueError("image_starts must run from 0 to the number of descriptors")
+    pair_descriptor_array = np.empty(n_pairs, dtype=np.int64)
+    pair_word_array = np.empty(n_pairs, dtype=np.int64)
+    group_starts_array = np.empty(n_pairs, dtype=np.int64)
+    group_image_array = np.empty(n_pairs, dtype=np.int64)
+    if n_pairs == 0:
+        return pair_descriptor_array, pair_word_array, group_starts_array, group_image_array
+    cdef int64_t[::1] pair_descriptor = pair_descriptor_array, pair_word = pair_word_array
+    cdef int64_t[::1] group_starts = group_starts_array, group_image = group_image_array
+    cdef int64_t G
+    with nogil:
+        G = asmk_group_pairs(&words[0, 0], ma, order_pointer, &image_starts[0], n_images, bits,
+                             &pair_descriptor[0], &pair_word[0], &group_starts[0],
+                             &group_image[0])
+    if G < 0:
+        raise MemoryError("group_pairs: no memory for the sort buffers")
+    return (pair_descriptor_array, pair_word_array, group_starts_array[:G].copy(),
+            group_image_array[:G].copy())
+
+
+def word_major_positions(const int64_t[::1] words, int64_t n_words):
+    """Stable counting sort of postings by word: (offsets (n_words + 1,) int64, position (n,)
+    int64 = where every posting goes in word-major order)."""
+    cdef Py_ssize_t n = words.shape[0], i
+    cdef int64_t k
+    offsets_array = np.zeros(n_words + 1, dtype=np.int64)
+    position_array = np.empty(n, dtype=np.int64)
+    cursor_array = np.empty(n_words, dtype=np.int64)
+    cdef int64_t[::1] offsets = offsets_array, position = position_array, cursor = cursor_array
+    with nogil:
+        for i in range(n):
+            offsets[words[i] + 1] += 1
+        for k in range(n_words):
+            offsets[k + 1] += offsets[k]
+            cursor[k] = offsets[k]
+        for i in range(n):
+            k = words[i]
+            position[i] = cursor[k]
+            cursor[k] += 1
+    return offsets_array, position_array
+
+
 def aggregate_residuals(const float[:, ::1] descriptors, const float[:, ::1] centroids,
                         const int64_t[::1] pair_descriptor, const int64_t[::1] pair_word,
-                        const int64_t[::1] group_starts, bint binary):
+                        const int64_t[::1] group_starts, bint binary, bint report_finite=False):
     """Sum residuals per group of (descriptor, word) pairs and binarise or L2-normalise them.
 
     Pairs are ordered so that each group (one image and word) is a run starting at
     ``group_starts[g]`` (the last group ends at the number of pairs); within a run the residuals
     ``x - c_word`` are summed as float32 in the given order. Returns (G, ceil(D/64)) uint64 packed
-    sign bits (bit set where the sum > 0) when ``binary``, else (G, D) float32 ``v / (|v| + 1e-6)``.
+    sign bits (bit set where the sum > 0) when ``binary``, else (G, D) float32 ``v / (|v| + 1e-6)``;
+    with ``report_finite`` the pair (vectors, whether every descriptor row read was finite).
     """
     cdef int64_t D = descriptors.shape[1]
     cdef int64_t G = group_starts.shape[0]
@@ -304,7 +469,8 @@ def aggregate_residuals(const float[:, ::1] descriptors, const float[:, ::1] cen
     cdef uint64_t *codes_pointer = NULL
     cdef float *vecs_pointer = NULL
     if G == 0:
-        return codes_array if binary else vecs_array
+        return ((codes_array if binary else vecs_array), True) if report_finite else \
+            (codes_array if binary else vecs_array)
     if binary:
         codes_pointer = &codes[0, 0]
     else:
@@ -314,9 +480,10 @@ def aggregate_residuals(const float[:, ::1] descriptors, const float[:, ::1] cen
         status = asmk_aggregate(&descriptors[0, 0], &centroids[0, 0], D, &pair_descriptor[0],
                                 &pair_word[0], &group_starts[0], G, n_pairs, binary,
                                 codes_pointer, vecs_pointer)
-    if status != 0:
+    if status < 0:
         raise MemoryError("aggregate_residuals: no memory for the accumulators")
-    return codes_array if binary else vecs_array
+    result = codes_array if binary else vecs_array
+    return (result, status == 0) if report_finite else result
 
 
 def scan_binary(const uint64_t[:, ::1] query_codes, const int64_t[::1] query_words,
@@ -390,3 +557,50 @@ def score_float(const float[:, ::1] query_vecs, const int64_t[::1] query_words,
         asmk_score_float(&query_vecs[0, 0], &query_words[0], &query_weights[0], nq, &offsets[0],
                          K, &vecs[0, 0], D, &fwd_positions[0], &fwd_offsets[0], &local_docs[0],
                          nc, alpha, threshold, &out[0])
+
+
+def scatter_rows(const unsigned char[:, ::1] rows, const int64_t[::1] position,
+                 unsigned char[:, ::1] out):
+    """out[position[i]] = rows[i] for every row (byte views of any C-contiguous rows); position
+    must be a permutation of range(len(out))."""
+    cdef Py_ssize_t n = rows.shape[0], i
+    cdef Py_ssize_t width = rows.shape[1]
+    if n != position.shape[0] or n != out.shape[0] or width != out.shape[1]:
+        raise ValueError("scatter_rows: shapes differ")
+    if n == 0 or width == 0:
+        return
+    with nogil:
+        for i in range(n):
+            memcpy(&out[position[i], 0], &rows[i, 0], width)
+
+
+def merge_postings(const int64_t[::1] first_offsets, const unsigned char[:, ::1] first_rows,
+                   const int64_t[::1] second_offsets, const unsigned char[:, ::1] second_rows,
+                   unsigned char[:, ::1] out_rows, int64_t[::1] first_position,
+                   int64_t[::1] second_position):
+    """Interleave two word-major posting tables (rows as bytes: a doc id, a code, ...): per word,
+    the first table's rows then the second's. Writes ``out_rows`` (n1 + n2, width) and where every
+    row went (``first_position`` (n1,), ``second_position`` (n2,))."""
+    cdef Py_ssize_t K = first_offsets.shape[0] - 1, w, i
+    cdef Py_ssize_t width = out_rows.shape[1]
+    cdef int64_t pos = 0, start, count
+    if second_offsets.shape[0] != K + 1 or out_rows.shape[0] != first_rows.shape[0] + \
+            second_rows.shape[0] or first_position.shape[0] != first_rows.shape[0] or \
+            second_position.shape[0] != second_rows.shape[0]:
+        raise ValueError("merge_postings: shapes differ")
+    with nogil:
+        for w in range(K):
+            start = first_offsets[w]
+            count = first_offsets[w + 1] - start
+            if count > 0:
+                memcpy(&out_rows[pos, 0], &first_rows[start, 0], count * width)
+                for i in range(count):
+                    first_position[start + i] = pos + i
+                pos += count
+            start = second_offsets[w]
+            count = second_offsets[w + 1] - start
+            if count > 0:
+                memcpy(&out_rows[pos, 0], &second_rows[start, 0], count * width)
+                for i in range(count):
+                    second_position[start + i] = pos + i
+                pos += count

@@ -20,7 +20,7 @@ import numpy as np
 from . import _kernels, persistence
 from . import inverted_file as ivf
 from .codebook import Codebook
-from .kernel import KernelParams, aggregate, binary_selectivity_table, code_width
+from .kernel import KernelParams, aggregate_runs, binary_selectivity_table, code_width
 from .validation import check_descriptors, check_ids
 
 INDEX_KIND = "asmk_index"
@@ -44,19 +44,30 @@ class AsmkParams:
         return KernelParams(self.binary, self.alpha, self.similarity_threshold)
 
 
-def _dense_image_index(image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(unique ids (M,), index (N,) of every descriptor's image into them).
+def _image_runs(image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(unique ids (M,) in first-seen order, descriptor order (N,) int64 or None, run starts
+    (M + 1,) int64): image ``m`` owns descriptors ``order[starts[m]:starts[m+1]]``.
 
-    Fast path O(N) when each image's descriptors are contiguous, else a sort.
+    Fast path O(N), order None, when each image's descriptors are contiguous; else a stable
+    counting sort of the descriptors by image.
     """
-    changes = np.empty(image_ids.size, dtype=bool)
-    changes[:1] = True
-    np.not_equal(image_ids[1:], image_ids[:-1], out=changes[1:])
-    run_ids = image_ids[changes]
+    changes = np.flatnonzero(image_ids[1:] != image_ids[:-1]) + 1
+    run_starts = np.concatenate([[0], changes, [image_ids.size]]).astype(np.int64) \
+        if image_ids.size else np.zeros(1, dtype=np.int64)
+    run_ids = image_ids[run_starts[:-1]]
     if np.unique(run_ids).size == run_ids.size:
-        return run_ids, np.cumsum(changes, dtype=np.int64) - 1
-    unique, inverse = np.unique(image_ids, return_inverse=True)
-    return unique, inverse.reshape(-1).astype(np.int64)
+        return run_ids, None, run_starts
+    unique, first, inverse = np.unique(image_ids, return_index=True, return_inverse=True)
+    rank = np.empty(unique.size, dtype=np.int64)  # first-seen order, as in the contiguous case
+    rank[np.argsort(first, kind="stable")] = np.arange(unique.size)
+    image_index = rank[inverse.reshape(-1)]
+    new_ids = np.empty_like(unique)
+    new_ids[rank] = unique
+    order = _kernels.stable_argsort_by(image_index, unique.size,
+                                       np.arange(image_ids.size, dtype=np.int64))
+    starts = np.zeros(unique.size + 1, dtype=np.int64)
+    np.cumsum(np.bincount(image_index, minlength=unique.size), out=starts[1:])
+    return new_ids, order, starts
 
 
 def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
@@ -180,8 +191,8 @@ class AsmkIndex:
         query = check_descriptors(query_descriptors, dim=self.codebook.dim,
                                   name="query descriptors")
         words = self.codebook.quantize(query, self.params.query_multiple_assignment)
-        aggregated = aggregate(query, words, np.zeros(query.shape[0], dtype=np.int64), 1,
-                               self.codebook.centroids, self.params.binary)
+        aggregated = aggregate_runs(query, words, np.array([0, query.shape[0]], dtype=np.int64),
+                                    self.codebook.centroids, self.params.binary)
         return aggregated.word, aggregated.vectors
 
     def _query_weights(self, words: np.ndarray) -> tuple[np.ndarray, float]:
@@ -197,11 +208,14 @@ class AsmkIndex:
         ``words``: optional precomputed assignments (N, multiple_assignment) int64 of these
         descriptors to this codebook (nearest first), e.g. from a GPU or a cache; else quantized here.
         """
-        descriptors = check_descriptors(descriptors, dim=self.codebook.dim)
+        # with precomputed words the NaN/inf check rides along the compiled residual pass (same
+        # error, raised before any state change); else it must precede the quantization
+        descriptors = check_descriptors(descriptors, dim=self.codebook.dim,
+                                        check_finite=words is None)
         image_ids = check_ids(image_ids, length=descriptors.shape[0])
         if words is not None:
             words = self._check_words(words, descriptors.shape[0])
-        new_ids, image_index = _dense_image_index(image_ids)
+        new_ids, descriptor_order, image_starts = _image_runs(image_ids)
         present = self.contains(new_ids)
         if present.any():
             raise ValueError(f"{int(present.sum())} image id(s) already in the index: "
@@ -211,11 +225,12 @@ class AsmkIndex:
             raise ValueError(f"the index holds at most {MAX_DOCUMENTS} images")
         if words is None:
             words = self.codebook.quantize(descriptors, self.params.multiple_assignment)
-        aggregated = aggregate(descriptors, words, image_index, new_ids.size,
-                               self.codebook.centroids, self.params.binary)
-        segment = ivf.Segment.from_postings(aggregated.word, aggregated.image + n_docs,
-                                            aggregated.vectors, doc_start=n_docs,
-                                            n_docs=new_ids.size, size=self.codebook.size)
+        aggregated = aggregate_runs(descriptors, words, image_starts, self.codebook.centroids,
+                                    self.params.binary, descriptor_order=descriptor_order,
+                                    check_finite=True)
+        segment = ivf.Segment.from_doc_major(aggregated.word, aggregated.image, aggregated.vectors,
+                                             doc_start=n_docs, n_docs=new_ids.size,
+                                             size=self.codebook.size)
         segments = ivf.append_segment(self._segments, segment)
         doc_ids = np.concatenate([self._doc_ids, new_ids])
         # commit (nothing above touched self)

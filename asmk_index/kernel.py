@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _kernels
+from .validation import raise_non_finite
 
 
 @dataclass(frozen=True)
@@ -59,27 +60,48 @@ def aggregate(descriptors: np.ndarray, words: np.ndarray, image_index: np.ndarra
               centroids: np.ndarray, binary: bool) -> Aggregated:
     """Aggregate descriptors (N, D) float32 with assignments ``words`` (N, ma) int64 per image.
 
-    ``image_index`` (N,) int64 in [0, n_images). Vectorised: two stable counting sorts group the
-    (descriptor, word) pairs by (image, word) keeping input order inside a group, then one
-    compiled pass sums the residuals.
+    ``image_index`` (N,) int64 in [0, n_images), in any order. The descriptors are grouped by
+    image (a stable counting sort, skipped when already grouped) and handed to
+    :func:`aggregate_runs`.
     """
-    n_descriptors, assignments = words.shape
+    image_index = np.ascontiguousarray(image_index, dtype=np.int64)
+    counts = np.bincount(image_index, minlength=int(n_images)) if image_index.size else \
+        np.zeros(int(n_images), dtype=np.int64)
+    image_starts = np.zeros(int(n_images) + 1, dtype=np.int64)
+    np.cumsum(counts, out=image_starts[1:])
+    order = None
+    if image_index.size > 1 and np.any(image_index[1:] < image_index[:-1]):
+        order = _kernels.stable_argsort_by(image_index, int(n_images),
+                                           np.arange(image_index.size, dtype=np.int64))
+    return aggregate_runs(descriptors, words, image_starts, centroids, binary,
+                          descriptor_order=order)
+
+
+def aggregate_runs(descriptors: np.ndarray, words: np.ndarray, image_starts: np.ndarray,
+                   centroids: np.ndarray, binary: bool, *, descriptor_order=None,
+                   check_finite: bool = False, name: str = "descriptors") -> Aggregated:
+    """Aggregate images given as runs: image ``i`` owns descriptors
+    ``descriptor_order[image_starts[i]:image_starts[i+1]]`` (``None``: rows ``image_starts[i]``
+    onwards, i.e. each image contiguous). ``image_starts`` (n_images + 1,) int64.
+
+    One compiled pass sorts each image's (descriptor, word) pairs by word (stable, so a group
+    sums in input order), a second sums the residuals. With ``check_finite`` a descriptor row
+    holding NaN or inf raises :func:`validation.check_descriptors`' ValueError (naming the first
+    bad row); the check rides along the residual pass, so it costs no extra pass over the data.
+    """
     size = centroids.shape[0]
-    pair_word = np.ascontiguousarray(words.reshape(-1), dtype=np.int64)
-    pair_image = np.repeat(np.asarray(image_index, dtype=np.int64), assignments)
-    order = _kernels.stable_argsort_by(pair_word, size, np.arange(pair_word.size, dtype=np.int64))
-    order = _kernels.stable_argsort_by(pair_image, int(n_images), order)
-    sorted_word = pair_word[order]
-    sorted_image = pair_image[order]
-    boundary = np.empty(order.size, dtype=bool)
-    boundary[:1] = True
-    np.not_equal(sorted_word[1:], sorted_word[:-1], out=boundary[1:])
-    boundary[1:] |= sorted_image[1:] != sorted_image[:-1]
-    group_starts = np.flatnonzero(boundary).astype(np.int64)
-    pair_descriptor = order // assignments if assignments > 1 else order
-    vectors = _kernels.aggregate_residuals(descriptors, centroids, pair_descriptor, sorted_word,
-                                           group_starts, bool(binary))
-    return Aggregated(sorted_image[group_starts], sorted_word[group_starts], vectors)
+    words = np.ascontiguousarray(words, dtype=np.int64)
+    image_starts = np.ascontiguousarray(image_starts, dtype=np.int64)
+    if descriptor_order is not None:
+        descriptor_order = np.ascontiguousarray(descriptor_order, dtype=np.int64)
+    pair_descriptor, pair_word, group_starts, group_image = _kernels.group_pairs(
+        words, image_starts, size, descriptor_order)
+    vectors, all_finite = _kernels.aggregate_residuals(
+        descriptors, centroids, pair_descriptor, pair_word, group_starts, bool(binary),
+        report_finite=True)
+    if check_finite and not all_finite:
+        raise_non_finite(descriptors, name)
+    return Aggregated(group_image, pair_word[group_starts], vectors)
 
 
 def binary_selectivity_table(bits: int, alpha: float, similarity_threshold: float) -> np.ndarray:

@@ -5,12 +5,13 @@ import numpy as np
 
 
 def check_descriptors(descriptors, *, dim: int | None = None, name: str = "descriptors",
-                      allow_empty: bool = False) -> np.ndarray:
+                      allow_empty: bool = False, check_finite: bool = True) -> np.ndarray:
     """Return ``descriptors`` as a C-contiguous float32 (N, D) array, or raise ``ValueError``.
 
     Rejects a wrong number of dimensions, a dimensionality other than ``dim``, non-numeric data,
     NaN and infinite values (naming how many rows and the first one), and an empty array unless
-    ``allow_empty``.
+    ``allow_empty``. ``check_finite=False`` skips the NaN/inf check (for a caller that checks
+    finiteness itself, e.g. in a compiled pass, and raises :func:`raise_non_finite`'s error).
     """
     array = np.asarray(descriptors)
     if array.dtype == object or not (np.issubdtype(array.dtype, np.floating)
@@ -24,14 +25,21 @@ def check_descriptors(descriptors, *, dim: int | None = None, name: str = "descr
     if array.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name}: no descriptors (an empty (0, {array.shape[1]}) array)")
     array = np.ascontiguousarray(array, dtype=np.float32)
-    if array.size and np.isfinite(array.min()) and np.isfinite(array.max()):
+    if not check_finite or (array.size and np.isfinite(array.min())
+                            and np.isfinite(array.max())):
         return array  # fast path: min/max propagate NaN and inf without an (N, D) mask
+    raise_non_finite(array, name)
+    return array
+
+
+def raise_non_finite(array: np.ndarray, name: str = "descriptors") -> None:
+    """Raise the ValueError naming how many rows of ``array`` (N, D) hold NaN or inf and the first
+    one; return quietly when every value is finite."""
     finite = np.isfinite(array).all(axis=1)
     if not finite.all():
         bad = np.flatnonzero(~finite)
         raise ValueError(f"{name}: {bad.size} row(s) contain NaN or inf values "
                          f"(first bad row: {bad[0]})")
-    return array
 
 
 def check_ids(ids, *, length: int | None = None, name: str = "image_ids") -> np.ndarray:

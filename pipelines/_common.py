@@ -21,9 +21,11 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, extraction: bool = True) -> None:
-    """--config, --verbose, --quiet, --device and (optionally) extraction overrides."""
-    parser.add_argument("--config", type=Path, help="YAML file with SystemConfig values "
-                        "(only the keys to change; see retrieval/config.py)")
+    """--device, --no-progress, --verbose and, with ``extraction``, --config and its overrides
+    (an index always uses the config stored with its codebook directory)."""
+    if extraction:
+        parser.add_argument("--config", type=Path, help="YAML file with SystemConfig values "
+                            "(only the keys to change; see retrieval/config.py)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
                         help="where the models run (default: the config's, auto = GPU if present)")
     if extraction:

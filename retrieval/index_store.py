@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import numpy as np
@@ -105,9 +105,16 @@ class RetrievalIndex:
         return ids
 
     def remove(self, names: Sequence[str]) -> tuple[list[str], list[str]]:
-        """Take images out by name; returns (removed, not found)."""
-        present = [name for name in dict.fromkeys(names) if name in self._id_of]
-        missing = [name for name in dict.fromkeys(names) if name not in self._id_of]
+        """Take images out by name (with or without extension); returns (removed, not found)."""
+        by_stem: dict[str, list[str]] = {}
+        if any(name not in self._id_of for name in names):  # names given without extension
+            for known in self.names:
+                by_stem.setdefault(str(PurePosixPath(known).with_suffix("")), []).append(known)
+        resolved = {name: name if name in self._id_of else
+                    (by_stem[name][0] if len(by_stem.get(name, ())) == 1 else None)
+                    for name in dict.fromkeys(names)}
+        present = list(dict.fromkeys(known for known in resolved.values() if known is not None))
+        missing = [name for name, known in resolved.items() if known is None]
         if present:
             remove_ids = np.array([self._id_of[name] for name in present], dtype=np.int64)
             self.two_stage.remove(remove_ids)

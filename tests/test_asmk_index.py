@@ -367,3 +367,90 @@ def test_empty_index_search_and_round_trip(tmp_path, dataset):
     index.save(tmp_path / "empty")
     loaded = AsmkIndex.load(tmp_path / "empty")
     assert len(loaded) == 0 and loaded.search(descriptors[:10], 5)[0].size == 0
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_non_finite_rows_with_precomputed_words_give_the_same_error(dataset, bad_value):
+    """With words= the NaN/inf check runs inside the compiled residual pass: same message (count
+    and first bad row), raised before any state change."""
+    codebook, descriptors, ids = dataset
+    index = AsmkIndex(codebook)
+    index.add(descriptors[:2400], ids[:2400])
+    probe = descriptors[:40]
+    before = snapshot(index, probe)
+    rows = descriptors[2400:2480].copy()
+    rows[[60, 17], [3, 0]] = bad_value
+    words = codebook.quantize(np.nan_to_num(rows, posinf=0.0, neginf=0.0), 1)
+    message = r"^descriptors: 2 row\(s\) contain NaN or inf values \(first bad row: 17\)$"
+    for precomputed in (words, None):
+        with pytest.raises(ValueError, match=message):
+            index.add(rows, ids[2400:2480], words=precomputed)
+        assert snapshot(index, probe) == before
+
+
+def test_huge_finite_values_whose_sums_overflow_are_accepted(dataset):
+    """A residual sum overflowing to inf is not a non-finite input: the rows are re-checked."""
+    codebook, descriptors, _ = dataset
+    rows = descriptors[:40].copy()
+    rows[:, 0] = 3e38  # finite, but 40 of them summed in one (image, word) group overflow
+    index = AsmkIndex(codebook)
+    index.add(rows, np.zeros(40, dtype=np.int64), words=np.zeros((40, 1), dtype=np.int64))
+    assert len(index) == 1 and index.n_vectors == 1
+
+
+def test_precomputed_words_with_interleaved_images_equal_quantizing_here(dataset):
+    codebook, descriptors, ids = dataset
+    order = np.random.default_rng(3).permutation(descriptors.shape[0])
+    quantized_here = AsmkIndex(codebook, multiple_assignment=2)
+    quantized_here.add(descriptors[order], ids[order])
+    given = AsmkIndex(codebook, multiple_assignment=2)
+    given.add(descriptors[order], ids[order], words=codebook.quantize(descriptors[order], 2))
+    query = perturbed(descriptors[ids == ids[0]], seed=9)
+    assert given.image_ids.tolist() == quantized_here.image_ids.tolist()
+    assert scores_by_id(given, query) == scores_by_id(quantized_here, query)  # bit-identical
+
+
+@pytest.mark.parametrize("n_words", [1, 5, 300, 70000])
+@pytest.mark.parametrize("assignments", [1, 3])
+def test_group_pairs_is_a_stable_sort_by_image_then_word(n_words, assignments):
+    """Compiled per-image sort (insertion sort for short images, radix sort for long ones)
+    against numpy's lexsort, with empty, short and long images and a descriptor order."""
+    from asmk_index import _kernels
+    rng = np.random.default_rng(n_words)
+    lengths = np.array([0, 3, 16, 17, 200, 0, 1, 90])
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    n = int(starts[-1])
+    words = np.stack([rng.choice(n_words, assignments, replace=False) if n_words >= assignments
+                      else np.zeros(assignments, dtype=np.int64) for _ in range(n)]).astype(np.int64)
+    order = rng.permutation(n).astype(np.int64)
+    for descriptor_order in (None, order):
+        positions = np.arange(n) if descriptor_order is None else descriptor_order
+        image_of_position = np.repeat(np.arange(lengths.size), lengths)
+        pair_descriptor = np.repeat(positions, assignments)
+        pair_image = np.repeat(image_of_position, assignments)
+        pair_word = words[pair_descriptor, np.tile(np.arange(assignments), n)]
+        expected = np.lexsort((pair_word, pair_image))  # stable: input order breaks ties
+        got = _kernels.group_pairs(words, starts, n_words, descriptor_order)
+        np.testing.assert_array_equal(got[0], pair_descriptor[expected])
+        np.testing.assert_array_equal(got[1], pair_word[expected])
+        key = pair_image[expected] * (n_words + 1) + pair_word[expected]
+        first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        np.testing.assert_array_equal(got[2], first)
+        np.testing.assert_array_equal(got[3], pair_image[expected][first])
+
+
+def test_segment_from_doc_major_equals_from_postings(dataset):
+    from asmk_index import inverted_file as ivf
+    from asmk_index.kernel import aggregate
+    codebook, descriptors, ids = dataset
+    image = np.repeat(np.arange(120), 40)
+    aggregated = aggregate(descriptors, codebook.quantize(descriptors, 3), image, 120,
+                           codebook.centroids, binary=True)
+    arguments = dict(doc_start=7, n_docs=120, size=codebook.size)
+    fast = ivf.Segment.from_doc_major(aggregated.word, aggregated.image, aggregated.vectors,
+                                      **arguments)
+    general = ivf.Segment.from_postings(aggregated.word, aggregated.image + 7, aggregated.vectors,
+                                        **arguments)
+    for name, array in general.arrays().items():
+        np.testing.assert_array_equal(fast.arrays()[name], array, err_msg=name)
+        assert fast.arrays()[name].dtype == array.dtype, name

@@ -95,15 +95,21 @@ def test_multiple_assignment_and_kernel_parameters_match_reference(data):
     assert_same_results(ours, reference, queries, np.arange(N_IMAGES))
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["grouped", "interleaved"])
 @pytest.mark.parametrize("assignments", [1, 5])
-def test_aggregated_bits_match_reference(data, assignments):
+def test_aggregated_bits_match_reference(data, assignments, interleaved):
+    """Interleaved: rows of different images mixed; ours groups them by image keeping their order,
+    the reference gets them grouped (it needs each image contiguous)."""
     codebook, descriptors, image, _ = data
-    rows = image < 20
+    rows = np.flatnonzero(image < 20)
+    if interleaved:
+        rows = np.random.default_rng(4).permutation(rows)
     words = codebook.quantize(descriptors[rows], assignments)
     ours = aggregate(descriptors[rows], words, image[rows], 20, codebook.centroids, binary=True)
+    grouped = np.argsort(image[rows], kind="stable")
     reference_kernel = asmk_kernel.ASMKKernel(reference_codebook(codebook), binary=True)
     reference_codes, reference_words, reference_images = reference_kernel.aggregate(
-        descriptors[rows], words, image[rows])
+        descriptors[rows][grouped], words[grouped], image[rows][grouped])
     np.testing.assert_array_equal(ours.word, reference_words)
     np.testing.assert_array_equal(ours.image, reference_images)
     our_bits = np.unpackbits(ours.vectors.astype(">u8").view(np.uint8), axis=1)[:, :DIM]

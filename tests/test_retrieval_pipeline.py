@@ -158,7 +158,8 @@ def test_append_and_remove_without_rebuilding(collection, tmp_path):
     query = folder / extra[1]
     assert searcher.search(query, k=1).hits[0].name == extra[1]
     removed = extra[:2] + [collection["names"][0]]
-    report = build_index(index_dir, remove=removed + ["not-there.jpg"], progress=False)
+    report = build_index(index_dir, remove=removed[:2] + [removed[2][:-len(".jpg")],
+                                                          "not-there.jpg"], progress=False)
     assert sorted(report.removed) == sorted(removed) and report.not_found == ["not-there.jpg"]
     reloaded = Searcher(index_dir)
     assert len(reloaded) == 4 * (BASE_OBJECTS + EXTRA_OBJECTS) - 3

@@ -45,11 +45,11 @@ class AsmkParams:
 
 
 def _image_runs(image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """(unique ids (M,) in first-seen order, descriptor order (N,) int64 or None, run starts
-    (M + 1,) int64): image ``m`` owns descriptors ``order[starts[m]:starts[m+1]]``.
+    """(new ids (M,), descriptor order (N,) int64 or None, run starts (M + 1,) int64): image
+    ``m`` owns descriptors ``order[starts[m]:starts[m+1]]``.
 
-    Fast path O(N), order None, when each image's descriptors are contiguous; else a stable
-    counting sort of the descriptors by image.
+    Fast path O(N), order None, ids in order of appearance, when each image's descriptors are
+    contiguous; else ids ascending and a stable counting sort of the descriptors by image.
     """
     changes = np.flatnonzero(image_ids[1:] != image_ids[:-1]) + 1
     run_starts = np.concatenate([[0], changes, [image_ids.size]]).astype(np.int64) \
@@ -57,16 +57,12 @@ def _image_runs(image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, n
     run_ids = image_ids[run_starts[:-1]]
     if np.unique(run_ids).size == run_ids.size:
         return run_ids, None, run_starts
-    unique, first, inverse = np.unique(image_ids, return_index=True, return_inverse=True)
-    rank = np.empty(unique.size, dtype=np.int64)  # first-seen order, as in the contiguous case
-    rank[np.argsort(first, kind="stable")] = np.arange(unique.size)
-    image_index = rank[inverse.reshape(-1)]
-    new_ids = np.empty_like(unique)
-    new_ids[rank] = unique
-    order = _kernels.stable_argsort_by(image_index, unique.size,
+    new_ids, inverse = np.unique(image_ids, return_inverse=True)  # interleaved: ascending ids
+    image_index = inverse.reshape(-1).astype(np.int64)
+    order = _kernels.stable_argsort_by(image_index, new_ids.size,
                                        np.arange(image_ids.size, dtype=np.int64))
-    starts = np.zeros(unique.size + 1, dtype=np.int64)
-    np.cumsum(np.bincount(image_index, minlength=unique.size), out=starts[1:])
+    starts = np.zeros(new_ids.size + 1, dtype=np.int64)
+    np.cumsum(np.bincount(image_index, minlength=new_ids.size), out=starts[1:])
     return new_ids, order, starts
 
 

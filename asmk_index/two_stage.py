@@ -173,12 +173,20 @@ class TwoStageIndex:
 
     # ------------------------------------------------------------------ search
     def search(self, global_query, local_query=None, k: int = 10, shortlist: int = 100,
-               mode: str = "two_stage") -> SearchResult:
+               mode: str = "two_stage", global_weight: float = 0.0) -> SearchResult:
         """Rank images for one query: ``global_query`` (Dg,), ``local_query`` (n, D) (may be None
         in "global" mode). ``shortlist`` (raised to ``k`` if smaller) images are re-scored in
-        "two_stage" mode. Returns a :class:`SearchResult` of at most ``k`` images, best first."""
+        "two_stage" mode. Returns a :class:`SearchResult` of at most ``k`` images, best first.
+
+        ``global_weight`` (two_stage mode): the shortlist is ranked by
+        ``asmk_score + global_weight * global_score``; 0 (the default) ranks by ASMK* alone, ties
+        broken by the global score. A small weight keeps the first stage's evidence when the local
+        features are weak (e.g. untrained MDA heads); ``scores`` then hold the fused values."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        global_weight = float(global_weight)
+        if not np.isfinite(global_weight) or global_weight < 0:
+            raise ValueError(f"global_weight must be a finite number >= 0, got {global_weight!r}")
         k = _positive_int(k, "k")
         shortlist = max(_positive_int(shortlist, "shortlist"), k)
         global_query = np.asarray(global_query)
@@ -196,7 +204,7 @@ class TwoStageIndex:
             return self._search_global(global_query, k)
         if mode == "asmk":
             return self._search_asmk(global_query, local_query, k)
-        return self._search_two_stage(global_query, local_query, k, shortlist)
+        return self._search_two_stage(global_query, local_query, k, shortlist, global_weight)
 
     def _asmk_scores(self, local_query: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """ASMK* scores of ``ids`` (0 for images without local descriptors or an empty query)."""
@@ -208,14 +216,17 @@ class TwoStageIndex:
             scores[in_asmk] = self.asmk_index.score(local_query, ids[in_asmk])
         return scores
 
-    def _search_two_stage(self, global_query, local_query, k, shortlist) -> SearchResult:
+    def _search_two_stage(self, global_query, local_query, k, shortlist,
+                          global_weight) -> SearchResult:
         start = time.perf_counter()
         candidates, global_scores = self.global_index.search(global_query, shortlist)
         middle = time.perf_counter()
         asmk_scores = self._asmk_scores(local_query, candidates)
-        order = np.lexsort((-global_scores.astype(np.float64), -asmk_scores))[:k]
+        global_scores = global_scores.astype(np.float64)
+        final_scores = asmk_scores + global_weight * global_scores if global_weight else asmk_scores
+        order = np.lexsort((-global_scores, -final_scores))[:k]
         end = time.perf_counter()
-        return SearchResult(ids=candidates[order], scores=asmk_scores[order],
+        return SearchResult(ids=candidates[order], scores=final_scores[order],
                             global_scores=global_scores[order], asmk_scores=asmk_scores[order],
                             mode="two_stage", stage1_seconds=middle - start,
                             stage2_seconds=end - middle, shortlist_size=int(candidates.size))

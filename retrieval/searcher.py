@@ -179,7 +179,8 @@ class Searcher:
         start = time.perf_counter()
         with self._lock:
             raw = self.index.two_stage.search(query.global_descriptor, query.local.descriptors,
-                                              k=k, shortlist=shortlist, mode=mode)
+                                              k=k, shortlist=shortlist, mode=mode,
+                                              global_weight=settings.global_weight)
         search_seconds = time.perf_counter() - start
         hits = []
         for position, image_id in enumerate(np.asarray(raw.ids).reshape(-1).tolist()):

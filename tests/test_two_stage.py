@@ -106,6 +106,23 @@ def test_modes_give_consistent_scores(collection):
     assert len(index.search(global_query, local_query, k=6, shortlist=2)) == 6
 
 
+def test_global_weight_fuses_the_two_scores(collection):
+    index = collection.index()
+    global_query, local_query = collection.query(5)
+    plain = index.search(global_query, local_query, k=15, shortlist=15)
+    fused = index.search(global_query, local_query, k=15, shortlist=15, global_weight=0.5)
+    # the same shortlist, scored by asmk + 0.5 * global and ranked by that
+    assert set(plain.ids.tolist()) == set(fused.ids.tolist())
+    np.testing.assert_allclose(fused.scores, fused.asmk_scores + 0.5 * fused.global_scores)
+    assert np.all(np.diff(fused.scores) <= 0)
+    # a dominant weight gives the global order of the shortlist
+    dominant = index.search(global_query, local_query, k=15, shortlist=15, global_weight=1e6)
+    np.testing.assert_array_equal(dominant.ids, index.search(global_query, k=15, mode="global").ids)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="global_weight"):
+            index.search(global_query, local_query, global_weight=bad)
+
+
 def test_image_without_local_descriptors(collection):
     index = collection.index(slice(0, 10))
     new_id = 5000

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -107,14 +107,16 @@ def _jsonable(value: Any) -> Any:
 
 def write_arrays(directory: str | os.PathLike, *, kind: str, params: Mapping, counts: Mapping,
                  arrays: Mapping[str, np.ndarray], components: Mapping[str, Path] = (),
-                 extra: Mapping | None = None) -> dict:
+                 files: Sequence[str] = (), extra: Mapping | None = None) -> dict:
     """Write ``arrays`` as ``.npy`` files and a manifest into an existing (temporary) directory.
 
     ``components`` maps names of sub-directories already written inside ``directory`` (each with
-    its own manifest) whose manifest checksums are recorded. Returns the manifest.
+    its own manifest) whose manifest checksums are recorded. ``files`` names other files already
+    written there (model weights, YAML...) whose checksums are recorded and verified on reading,
+    but which :func:`read_arrays` does not load. Returns the manifest.
     """
     directory = Path(directory)
-    files = {}
+    file_entries = {}
     for name, array in arrays.items():
         array = np.asarray(array)
         if array.dtype == object:
@@ -125,8 +127,13 @@ def write_arrays(directory: str | os.PathLike, *, kind: str, params: Mapping, co
             np.save(handle, array, allow_pickle=False)
             handle.flush()
             os.fsync(handle.fileno())
-        files[filename] = {"sha256": sha256_of_file(path), "shape": list(array.shape),
-                           "dtype": array.dtype.str}
+        file_entries[filename] = {"sha256": sha256_of_file(path), "shape": list(array.shape),
+                                  "dtype": array.dtype.str}
+    for name in files:
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"file {name!r} to checksum is not in {directory}")
+        file_entries[name] = {"sha256": sha256_of_file(path)}
     component_entries = {}
     for name in dict(components):
         sub_manifest = directory / name / MANIFEST_NAME
@@ -138,7 +145,7 @@ def write_arrays(directory: str | os.PathLike, *, kind: str, params: Mapping, co
         "kind": kind,
         "params": _jsonable(dict(params)),
         "counts": _jsonable(dict(counts)),
-        "files": files,
+        "files": file_entries,
         "components": component_entries,
         **_jsonable(dict(extra or {})),
     }
@@ -201,6 +208,8 @@ def read_arrays(directory: str | os.PathLike, *, kind: str | None = None,
             raise IndexFormatError(f"{path}: file missing (corrupt index)")
         if verify and sha256_of_file(path) != entry["sha256"]:
             raise IndexFormatError(f"{path}: checksum mismatch, the file is corrupt")
+        if "shape" not in entry:
+            continue  # a checksummed file that is not an array (see write_arrays' files)
         try:
             array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
         except (ValueError, OSError, EOFError) as error:

@@ -13,7 +13,6 @@ carries a copy::
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -23,8 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from asmk_index.persistence import (FORMAT_VERSION, MANIFEST_NAME, IndexFormatError,
-                                    atomic_directory, sha256_of_file)
+from asmk_index.persistence import (MANIFEST_NAME, IndexFormatError, atomic_directory,
+                                    read_arrays, write_arrays)
 
 from asmk_index.codebook import Codebook
 from glam.config import ExtractionConfig as GlamExtractionConfig
@@ -179,47 +178,25 @@ class ModelBundle:
         return cls(config, mda_model, glam_model, codebook)
 
 
-def _write_manifest(directory: Path) -> dict:
-    files = {path.name: sha256_of_file(path) for path in sorted(directory.iterdir())
-             if path.is_file() and path.name != MANIFEST_NAME}
-    manifest = {"format_version": FORMAT_VERSION, "kind": MODELS_KIND, "files": files}
-    with open(directory / MANIFEST_NAME, "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return files
+def _write_manifest(directory: Path) -> list[str]:
+    names = sorted(path.name for path in directory.iterdir()
+                   if path.is_file() and path.name != MANIFEST_NAME)
+    write_arrays(directory, kind=MODELS_KIND, params={}, counts={}, arrays={}, files=names)
+    return names
 
 
 def verify_models_directory(directory: str | os.PathLike) -> dict[str, str]:
     """Check a models directory (version, kind, files' checksums); returns ``{file: sha256}``."""
     directory = Path(directory)
-    if not directory.exists():
-        raise FileNotFoundError(f"no codebook/models directory at {directory}")
-    manifest_path = directory / MANIFEST_NAME
-    if not directory.is_dir() or not manifest_path.is_file():
+    if directory.exists() and not (directory / MANIFEST_NAME).is_file():
         raise IndexFormatError(f"{directory}: not a codebook directory written by "
                                "pipelines/build_codebook.py (no manifest.json)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise IndexFormatError(f"{manifest_path}: corrupt manifest ({error})") from error
-    if manifest.get("kind") != MODELS_KIND:
-        raise IndexFormatError(f"{manifest_path}: this is a {manifest.get('kind')!r}, expected a "
-                               f"{MODELS_KIND!r} (a codebook directory)")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexFormatError(f"{manifest_path}: format version {manifest.get('format_version')}, "
-                               f"this code reads {FORMAT_VERSION}; build the codebook again")
-    files = manifest.get("files", {})
+    manifest, _ = read_arrays(directory, kind=MODELS_KIND)
+    files = manifest["files"]
     for name in (CONFIG_FILE, MDA_FILE, GLAM_FILE):
         if name not in files:
             raise IndexFormatError(f"{directory}: {name} missing from the manifest (corrupt)")
-    for name, checksum in files.items():
-        path = directory / name
-        if not path.is_file():
-            raise IndexFormatError(f"{path}: file missing (corrupt codebook directory)")
-        if sha256_of_file(path) != checksum:
-            raise IndexFormatError(f"{path}: checksum mismatch, the file is corrupt or was changed")
-    return files
+    return {name: entry["sha256"] for name, entry in files.items()}
 
 
 def copy_models_directory(source: str | os.PathLike, target: str | os.PathLike) -> None:

@@ -154,7 +154,7 @@ def main(argv=None) -> None:
         print(f"done {row['variant']}: {row}", flush=True)
     base = rows[0]
     scales = args.scales
-    header = (f"| variant | C_s | feats/img | mAP E | mAP M | mP@1 E | N-S | ms/img | ratio | "
+    header = ("| variant | C_s | feats/img | mAP E | mAP M | mP@1 E | N-S | ms/img | ratio | "
               + " | ".join(f"ms @{s} (x factor)" for s in scales) + " |")
     print()
     print(header)

@@ -6,7 +6,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -14,7 +14,7 @@ from asmk_index.feature_file import FeatureFile
 from imagedata.images import ImageLoadError, load_image
 
 from .config import SystemConfig
-from .extraction import (LOCAL_FILE, collect_images, extract_collection, read_global_descriptors,
+from .extraction import (collect_images, extract_collection, read_global_descriptors,
                          read_local_features)
 from .index_store import RetrievalIndex, is_index_directory
 from .models import ModelBundle

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +12,7 @@ from torch import nn
 from backbones import (TAP_CHANNELS, BackboneConfig, GeM, L2N, build_backbone, gem, init_linear_from_pca, l2n,
                        learn_pca_whitening, packaged_weights_path)
 from backbones.networks import _load_checkpoint_state_dict
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-UKBENCH = SHARED / "data" / "ukbench-dev"
-
-
-def require_ukbench() -> Path:
-    if not (UKBENCH / "jpg").is_dir():
-        if os.environ.get("CI") == "true":
-            raise AssertionError(f"real test data missing under CI: {UKBENCH}")
-        pytest.skip(f"real-photo data not found at {UKBENCH} (../shared beside the repo)")
-    return UKBENCH
+from real_data import require_ukbench
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])

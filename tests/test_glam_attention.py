@@ -20,16 +20,10 @@ from glam.modules import (
     LocalSpatialAttention,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 SWITCHES = ("local_channel", "local_spatial", "global_channel", "global_spatial")
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one thread avoids OpenMP spinning on a busy 2-core machine (restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def small_head(channels: int = 16, **switches) -> GlamHead:

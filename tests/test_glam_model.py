@@ -1,10 +1,8 @@
 """GlamModel: GeM equivalence with attentions off, switches, gradients, whitening, save/load, extraction."""
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,25 +14,9 @@ from backbones.networks import BackboneConfig, build_backbone
 from glam.config import ATTENTION_SWITCHES, ExtractionConfig, GlamConfig
 from glam.extract import extract_global_descriptor, multiscale_descriptor, prepare_image
 from glam.model import GlamModel
+from real_data import require_ukbench
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-UKBENCH = SHARED / "data" / "ukbench-dev"
-
-
-def require_ukbench() -> Path:
-    if not UKBENCH.is_dir():
-        if os.environ.get("CI") == "true":
-            raise AssertionError(f"CI needs the shared data at {UKBENCH}")
-        pytest.skip(f"shared data not found at {UKBENCH} (real-photo test)")
-    return UKBENCH
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one thread avoids OpenMP spinning on a busy 2-core machine (restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = dict(local_reduced_channels=16, global_reduced_channels=16, conv1d_kernel_size=3)

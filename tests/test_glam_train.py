@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,25 +14,9 @@ from glam.model import GlamModel
 from glam.train import CHECKPOINT_NAME, GlamTrainer, build_training_data, configs_from_args, _parser, train
 from imagedata.datasets import LabelledImageList
 from imagedata.training import load_checkpoint
+from real_data import require_ukbench
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-UKBENCH = SHARED / "data" / "ukbench-dev"
-
-
-def require_ukbench() -> Path:
-    if not UKBENCH.is_dir():
-        if os.environ.get("CI") == "true":
-            raise AssertionError(f"CI needs the shared data at {UKBENCH}")
-        pytest.skip(f"shared data not found at {UKBENCH} (real-photo test)")
-    return UKBENCH
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one thread avoids OpenMP spinning on a busy 2-core machine (restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_arcface_reduces_only_the_correct_class_logit_by_the_angular_margin():

@@ -9,17 +9,7 @@ import numpy as np
 import pytest
 
 from imagedata.revisitop import compute_ap, compute_map, evaluate_revisitop, load_revisitop, ukbench_ns_score
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-UKBENCH = SHARED / "data" / "ukbench-dev"
-
-
-def require_ukbench() -> Path:
-    if not (UKBENCH / "gnd_ukbench-dev.pkl").is_file():
-        if os.environ.get("CI") == "true":
-            raise AssertionError(f"real test data missing under CI: {UKBENCH}")
-        pytest.skip(f"real-photo data not found at {UKBENCH} (../shared beside the repo)")
-    return UKBENCH
+from real_data import require_ukbench
 
 
 # ---------------------------------------------------------------- revisitop protocol ----------

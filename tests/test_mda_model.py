@@ -13,15 +13,7 @@ from mda.extract import extract_local_features
 from mda.model import MdaModel, MultipleDynamicAttention
 from mda.visualize import visualize_local_features
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU this is many times faster."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class BrightnessBackbone(nn.Module):

@@ -1,7 +1,6 @@
 """mda.train on tiny images: the loss falls, checkpoint + resume continues exactly, unlabelled mode."""
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,18 +10,11 @@ from imagedata.training import seed_everything
 from mda.config import MdaConfig, TrainConfig
 from mda.model import MdaModel
 from mda.train import CHECKPOINT_NAME, mined_loss, train
+from real_data import UKBENCH
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SIZE = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU this is many times faster."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 
 def textures(count, seed):
@@ -94,9 +86,6 @@ def test_unlabelled_two_views_step_and_mining(tmp_path):
     assert parts.positive_distance == pytest.approx(0.0, abs=1e-5)
     with pytest.raises(ValueError, match="two groups"):
         mined_loss((g, maps), (g, maps), torch.tensor([0, 0, 0]), CONFIG)
-
-
-UKBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ukbench-dev"
 
 
 @pytest.mark.skipif(not UKBENCH.is_dir() and os.environ.get("CI") != "true",

@@ -1,12 +1,9 @@
 """MDA on real photos (ukbench-dev): default model local features -> asmk_index retrieval ranks an
 image's mates above non-mates; extract_folder writes a resumable feature file and reports bad files."""
-import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from asmk_index.asmk import AsmkIndex
@@ -15,28 +12,15 @@ from asmk_index.feature_file import FeatureFile
 from mda.config import ExtractionConfig, MdaConfig
 from mda.extract import LOCAL_FIELDS, extract_folder, extract_local_features
 from mda.model import MdaModel
+from real_data import UKBENCH, require_ukbench
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-UKBENCH = SHARED / "data" / "ukbench-dev"
 
-if not UKBENCH.is_dir():
-    if os.environ.get("CI") == "true":
-        raise RuntimeError(f"CI: real test photos missing at {UKBENCH}")
-    pytest.skip(f"real photos not available at {UKBENCH} (../shared missing)", allow_module_level=True)
+require_ukbench(module_level=True)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 OBJECTS = 5                                   # 5 objects x 4 views = 20 photos
 EXTRACTION = ExtractionConfig(scales=(1.0, 0.707), max_size=192, top_n=150)
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU this is many times faster."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 
 @pytest.fixture(scope="module")

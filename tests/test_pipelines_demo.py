@@ -5,15 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_demo_script_runs_end_to_end(tmp_path, capsys):

@@ -5,14 +5,12 @@ and reported, the command-line scripts and the HTML page."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from asmk_index.feature_file import FeatureFile
 from asmk_index.persistence import IndexFormatError
@@ -22,17 +20,12 @@ from retrieval.config import SystemConfig
 from retrieval.evaluation import evaluate_index
 from retrieval.index_store import RetrievalIndex
 from retrieval.models import ModelBundle
+from real_data import UKBENCH, require_ukbench
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-UKBENCH = SHARED / "data" / "ukbench-dev"
 
-if not UKBENCH.is_dir():
-    if os.environ.get("CI") == "true":
-        raise RuntimeError(f"CI: real test photos missing at {UKBENCH}")
-    pytest.skip(f"real photos not available at {UKBENCH} (../shared missing)",
-                allow_module_level=True)
+require_ukbench(module_level=True)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 BASE_OBJECTS = 6          # objects 0..5 (4 views each) are indexed first
 EXTRA_OBJECTS = 2         # objects 6..7 are appended
@@ -55,15 +48,6 @@ def copy_photos(numbers, folder: Path) -> list[str]:
     for name in names:
         shutil.copyfile(UKBENCH / "jpg" / name, folder / name)
     return names
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU this is many times faster."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

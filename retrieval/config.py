@@ -19,6 +19,8 @@ from typing import Mapping
 
 import yaml
 
+from asmk_index.asmk import AsmkParams
+
 from glam.config import GlamConfig
 from mda.config import MdaConfig
 
@@ -60,15 +62,8 @@ class CodebookConfig:
         return max(2, min(requested, cap))
 
 
-@dataclass
-class AsmkConfig:
-    """ASMK* parameters (see asmk_index.AsmkIndex)."""
-    binary: bool = True
-    alpha: float = 3.0
-    similarity_threshold: float = 0.0
-    multiple_assignment: int = 1
-    query_multiple_assignment: int = 5
-    use_idf: bool = False
+# ASMK* parameters: the engine's own dataclass, one definition for the index and the config.
+AsmkConfig = AsmkParams
 
 
 @dataclass

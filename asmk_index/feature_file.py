@@ -27,17 +27,15 @@ so a file at ``path`` always has the full structure.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import h5py
 import numpy as np
 
-from .persistence import _jsonable
+from .persistence import _jsonable, atomic_file
 from .validation import check_descriptors
 
 FEATURE_FORMAT_VERSION = 1
@@ -234,10 +232,7 @@ class FeatureFileWriter:
     def _create(self) -> None:
         """Write an empty file with the full structure under a temporary name, then rename it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-",
-                                                 dir=self.path.parent)
-        os.close(descriptor)
-        try:
+        with atomic_file(self.path) as temporary:
             with h5py.File(temporary, "w") as handle:
                 handle.attrs["format_version"] = FEATURE_FORMAT_VERSION
                 handle.attrs["kind"] = self.kind
@@ -254,11 +249,6 @@ class FeatureFileWriter:
                 failures = handle.create_group("failures")
                 _create_strings(failures, "names")
                 _create_strings(failures, "reasons")
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
 
     def _resume(self) -> None:
         """Check the header matches, drop a cut-off partial write, load the names stored."""

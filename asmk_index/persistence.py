@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -63,6 +62,35 @@ def _fsync_directory(path: Path) -> None:
             os.close(fd)
 
 
+def _default_mode(directory: bool) -> int:
+    """The permissions a plain open()/mkdir() would give (mkstemp/mkdtemp give 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` to write; on success it is synced to disk, given
+    the usual permissions and renamed onto ``target`` (a crash never leaves a half-written
+    ``target``); on an exception it is removed and ``target`` is left untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(descriptor)
+    try:
+        yield Path(temporary)
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(temporary, _default_mode(directory=False))
+        os.replace(temporary, target)
+        _fsync_directory(target.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``target``; on success it replaces ``target``.
@@ -80,6 +108,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = True) -> It
     try:
         yield temporary
         _fsync_directory(temporary)
+        os.chmod(temporary, _default_mode(directory=True))
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
             os.replace(target, retired / "old")
@@ -247,20 +276,9 @@ def save_arrays_file(path: str | os.PathLike, *, kind: str, params: Mapping,
         "params": _jsonable(dict(params)),
         "checksums": {name: sha256_of_array(array) for name, array in arrays.items()},
     }
-    buffer = io.BytesIO()
-    np.savez(buffer, __manifest__=np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8),
-             **arrays)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    with atomic_file(path) as temporary, open(temporary, "wb") as handle:
+        np.savez(handle, __manifest__=np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8),
+                 **arrays)
 
 
 def load_arrays_file(path: str | os.PathLike, *, kind: str) -> tuple[dict, dict[str, np.ndarray]]:

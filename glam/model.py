@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
+from asmk_index.persistence import atomic_file
 from backbones.layers import GeM, init_linear_from_pca, l2n, learn_pca_whitening
 from backbones.networks import Backbone, BackboneConfig, build_backbone
 from glam.config import ExtractionConfig, GlamConfig
@@ -184,19 +184,8 @@ class GlamModel(nn.Module):
         """Write config + weights atomically (temporary file in the same folder, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as f:
-                torch.save(self.checkpoint(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file permissions
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as temporary:
+            torch.save(self.checkpoint(), temporary)
         return path
 
     @classmethod

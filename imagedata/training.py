@@ -9,11 +9,9 @@ group (nccl on GPU, gloo on CPU); without them it returns a single-process world
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+
+from asmk_index.persistence import atomic_file
+
 
 logger = logging.getLogger(__name__)
 
@@ -84,15 +85,8 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, state: TrainSt
         "rng": rng_state(),
         "config": config,
     }
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(descriptor)
-    try:
+    with atomic_file(path) as temporary:
         torch.save(payload, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
     return path
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from asmk_index.persistence import atomic_file
 
 from . import functional as MF
 from .config import ExtractionConfig, MdaConfig, to_dict
@@ -229,16 +230,8 @@ class MdaModel(nn.Module):
         payload = {"format": MODEL_FORMAT, "version": MODEL_FORMAT_VERSION,
                    "config": to_dict(self.config),
                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(payload, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as temporary:
+            torch.save(payload, temporary)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, map_location: str | torch.device = "cpu",

@@ -88,3 +88,33 @@ def test_object_arrays_are_refused(tmp_path):
         persistence.save_directory(tmp_path / "x", kind="toy", params={}, counts={},
                                    arrays={"names": np.array(["a", None], dtype=object)})
     assert not (tmp_path / "x").exists()
+
+
+def test_written_files_and_directories_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700); the result must not stay private."""
+    import os
+    umask = os.umask(0o022)
+    try:
+        persistence.save_directory(tmp_path / "index", kind="toy", params={}, counts={},
+                                   arrays=_arrays())
+        persistence.save_arrays_file(tmp_path / "codebook.npz", kind="codebook", params={},
+                                     arrays={"centroids": np.zeros((2, 2), np.float32)})
+        with persistence.atomic_file(tmp_path / "model.bin") as temporary:
+            temporary.write_bytes(b"weights")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "index").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "codebook.npz").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model.bin").read_bytes() == b"weights"
+    assert (tmp_path / "model.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_atomic_file_leaves_the_old_file_on_a_crash(tmp_path):
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with persistence.atomic_file(target) as temporary:
+            temporary.write_bytes(b"half")
+            raise RuntimeError("simulated crash")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.bin"]

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 try:
-    from pipelines._common import fail, setup_logging
+    from pipelines._common import add_common_arguments, fail, setup_logging
 except ModuleNotFoundError:  # run as a script, the project not installed
-    from _common import fail, setup_logging
+    from _common import add_common_arguments, fail, setup_logging
 
 from retrieval.evaluation import evaluate_index, format_evaluation
 from retrieval.searcher import MODES, Searcher
@@ -32,9 +32,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--shortlist", type=int, help="stage-1 size (default: config, 100)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--max-queries", type=int, help="evaluate only the first N queries")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_common_arguments(parser, extraction=False)
     return parser.parse_args(argv)
 
 

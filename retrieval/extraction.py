@@ -21,8 +21,9 @@ import numpy as np
 from asmk_index.feature_file import FeatureFile
 from imagedata.extraction import default_num_workers, extract_to_file
 from imagedata.images import list_images
+from mda.extract import LOCAL_FIELDS
 
-from .models import LocalFeatureSet, ModelBundle
+from .models import ModelBundle
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def extract_collection(paths: Sequence[Path], names: Sequence[str], bundle: Mode
     report = ExtractionReport()
     workers = default_num_workers() if num_workers is None else num_workers
     jobs = [(LOCAL_FILE, "local", bundle.local_extractor(), int(bundle.mda.descriptor_dim),
-             LocalFeatureSet.FIELDS)]
+             LOCAL_FIELDS)]
     if global_features:
         jobs.append((GLOBAL_FILE, "global", bundle.global_extractor(), bundle.global_dim, None))
     if not paths:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from asmk_index.kernel import aggregate, binary_selectivity_table
+from mda.extract import LocalFeatures
 
 from .config import AsmkConfig
-from .models import LocalFeatureSet
 
 
 @dataclass
@@ -32,14 +32,14 @@ class FeatureMatches:
     def __len__(self) -> int:
         return int(self.query_index.shape[0])
 
-    def points(self, query: LocalFeatureSet, result: LocalFeatureSet) -> np.ndarray:
+    def points(self, query: LocalFeatures, result: LocalFeatures) -> np.ndarray:
         """(m, 4) float32 (query x, query y, result x, result y)."""
         return np.stack([query.x[self.query_index], query.y[self.query_index],
                          result.x[self.result_index], result.y[self.result_index]],
                         axis=1).astype(np.float32).reshape(-1, 4)
 
 
-def match_local_features(query: LocalFeatureSet, result: LocalFeatureSet, codebook, *,
+def match_local_features(query: LocalFeatures, result: LocalFeatures, codebook, *,
                          asmk: AsmkConfig | None = None, pairs_per_word: int = 2,
                          max_matches: int = 150) -> FeatureMatches:
     """Feature pairs of ``query`` and ``result`` that ASMK* counts as matching (see module doc)."""

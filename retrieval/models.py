@@ -16,7 +16,6 @@ import hashlib
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -30,7 +29,7 @@ from glam.config import ExtractionConfig as GlamExtractionConfig
 from glam.extract import GlobalExtractor, extract_global_descriptor
 from glam.model import GlamModel
 from mda.config import ExtractionConfig as MdaExtractionConfig
-from mda.extract import LOCAL_FIELDS, LocalFeatureExtractor, extract_local_features
+from mda.extract import LocalFeatureExtractor, LocalFeatures, extract_local_features
 from mda.model import MdaModel
 
 from .config import SystemConfig, resolve_device
@@ -39,27 +38,6 @@ logger = logging.getLogger(__name__)
 
 MODELS_KIND = "retrieval_models"
 CONFIG_FILE, MDA_FILE, GLAM_FILE, CODEBOOK_FILE = "config.yaml", "mda.pt", "glam.pt", "codebook.npz"
-
-
-@dataclass
-class LocalFeatureSet:
-    """Local features of one image: descriptors (n, D) float32 and per-feature fields (n,).
-
-    ``x``, ``y`` are pixel coordinates in the image as given to the extractor (after the
-    ``max_size`` downscale), ``scale`` the pyramid scale, ``head`` the attention head.
-    """
-    descriptors: np.ndarray
-    attention: np.ndarray
-    head: np.ndarray
-    x: np.ndarray
-    y: np.ndarray
-    scale: np.ndarray
-
-    FIELDS = dict(LOCAL_FIELDS)
-
-    def fields(self) -> dict[str, np.ndarray]:
-        return {name: np.asarray(getattr(self, name)).astype(dtype)
-                for name, dtype in self.FIELDS.items()}
 
 
 class ModelBundle:
@@ -103,11 +81,9 @@ class ModelBundle:
         extraction = self.config.extraction
         return GlamExtractionConfig(scales=tuple(extraction.scales), max_size=extraction.max_size)
 
-    def local_features(self, image: np.ndarray) -> LocalFeatureSet:
+    def local_features(self, image: np.ndarray) -> LocalFeatures:
         """MDA local features of an (H, W, 3) uint8 image (already at most ``max_size``)."""
-        features = extract_local_features(self.mda, image, config=self.mda_extraction_config())
-        return LocalFeatureSet(**{name: np.asarray(getattr(features, name))
-                                  for name in ("descriptors", *LocalFeatureSet.FIELDS)})
+        return extract_local_features(self.mda, image, config=self.mda_extraction_config())
 
     def global_descriptor(self, image: np.ndarray) -> np.ndarray:
         """GLAM global descriptor (512,) float32 of an (H, W, 3) uint8 image."""
@@ -205,5 +181,5 @@ def copy_models_directory(source: str | os.PathLike, target: str | os.PathLike) 
     shutil.copytree(source, target)
 
 
-__all__ = ["ModelBundle", "LocalFeatureSet", "verify_models_directory", "copy_models_directory",
+__all__ = ["ModelBundle", "verify_models_directory", "copy_models_directory",
            "MODELS_KIND"]

@@ -24,11 +24,11 @@ import numpy as np
 from PIL import Image
 
 from imagedata.images import ImageLoadError, crop_to_box, load_image, resize_max_side
+from mda.extract import LocalFeatures
 
 from .html import HtmlResult, write_results_page
 from .index_store import RetrievalIndex
 from .matching import match_local_features
-from .models import LocalFeatureSet
 
 MODES = ("two_stage", "asmk", "global")
 
@@ -63,7 +63,7 @@ class QueryFeatures:
     """A prepared query: the image as searched (cropped, downscaled), its features, timings."""
     label: str
     image: np.ndarray
-    local: LocalFeatureSet
+    local: LocalFeatures
     global_descriptor: np.ndarray
     extraction_seconds: float
 

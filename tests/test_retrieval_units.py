@@ -15,7 +15,7 @@ from retrieval.demo_collection import make_demo_collection, make_view
 from retrieval.evaluation import _full_ranking, is_ukbench_layout
 from retrieval.html import HtmlResult, render_results_page, write_results_page
 from retrieval.matching import match_local_features
-from retrieval.models import LocalFeatureSet
+from mda.extract import LocalFeatures
 from retrieval.searcher import prepare_query_image
 
 
@@ -111,11 +111,11 @@ def test_prepare_query_crops_in_original_pixels_then_downscales(tmp_path):
 # ----------------------------------------------------------------------------- matching
 def _features(descriptors, rng):
     n = descriptors.shape[0]
-    return LocalFeatureSet(descriptors=descriptors.astype(np.float32),
-                           attention=np.ones(n, np.float32), head=np.zeros(n, np.int16),
-                           x=rng.uniform(0, 100, n).astype(np.float32),
-                           y=rng.uniform(0, 80, n).astype(np.float32),
-                           scale=np.ones(n, np.float32))
+    return LocalFeatures(descriptors=descriptors.astype(np.float32),
+                         attention=np.ones(n, np.float32), head=np.zeros(n, np.int16),
+                         x=rng.uniform(0, 100, n).astype(np.float32),
+                         y=rng.uniform(0, 80, n).astype(np.float32),
+                         scale=np.ones(n, np.float32), image_size=(80, 100))
 
 
 def test_matches_are_features_sharing_a_selective_word():

@@ -9,7 +9,11 @@
     index.save("asmk_dir"); index = AsmkIndex.load("asmk_dir")
 
 No torch here: any extractor's local descriptors (MDA, HOW, FIRe, DELG...) can be indexed.
+The compiled loops use OpenMP threads (``OMP_NUM_THREADS``, or :func:`set_num_threads`); results
+are the same for any thread count.
 """
+from ._kernels import max_threads as get_num_threads
+from ._kernels import set_max_threads as set_num_threads
 from .asmk import AsmkIndex, AsmkParams
 from .codebook import Codebook
 from .feature_file import FeatureFile, FeatureFileWriter
@@ -19,4 +23,5 @@ from .persistence import IndexFormatError
 from .two_stage import SearchResult, TwoStageIndex
 
 __all__ = ["AsmkIndex", "AsmkParams", "Codebook", "FeatureFile", "FeatureFileWriter", "GlobalIndex",
-           "IndexFormatError", "SearchResult", "TwoStageIndex", "codebook_from_asmk_state"]
+           "IndexFormatError", "SearchResult", "TwoStageIndex", "codebook_from_asmk_state",
+           "get_num_threads", "set_num_threads"]

@@ -1,8 +1,10 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Compiled ASMK* hot loops: stable counting / per-image radix sorts, residual aggregation (with a
-finiteness probe), inverted-file scans.
+finiteness probe), inverted-file scans, k-nearest-centroid ranking.
 
-Everything works on plain C-contiguous arrays and releases the GIL. Binary codes are packed into
+Everything works on plain C-contiguous arrays and releases the GIL. Index building (grouping and
+aggregation) shares images among OpenMP threads when built with OpenMP; results never depend on
+the thread count. Binary codes are packed into
 uint64 words (``W = ceil(D / 64)``; dimension ``j`` is bit ``63 - j % 64`` of word ``j // 64``,
 unused tail bits are 0). Scores are accumulated per query word in ascending word order, so the
 full scan and the per-image forward-index scoring add the very same terms in the very same order.
@@ -10,6 +12,7 @@ full scan and the per-image forward-index scoring add the very same terms in the
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.math cimport sqrt
 from libc.string cimport memcpy
+from cython.parallel cimport prange
 
 cdef extern from *:
     """
@@ -17,6 +20,39 @@ cdef extern from *:
     #include <stdlib.h>
     #include <math.h>
     #include <string.h>
+    #ifdef _OPENMP
+    #include <omp.h>
+    #endif
+
+    /* Pairs below which grouping/aggregation runs on one thread (start-up costs more than it
+       saves). Only these index-building loops use OpenMP: the query path stays on the calling
+       thread, because its few milliseconds follow a BLAS product whose worker threads keep
+       spinning, and two spinning thread pools on the same cores made queries 1.6-2.5x slower
+       (2 cores, 4096 and 65536 words). Concurrent queries from several Python threads do run in
+       parallel: every kernel releases the GIL. */
+    #define ASMK_GROUP_PAIRS_PER_THREAD 16384
+
+    static void asmk_set_max_threads(int count) {
+    #ifdef _OPENMP
+        omp_set_num_threads(count > 0 ? count : 1);
+    #else
+        (void)count;
+    #endif
+    }
+
+    /* Threads for a loop of `work` units: 1 below `minimum` units per thread (start-up costs
+       more than it saves), else up to omp_get_max_threads(). */
+    static int asmk_threads_for(int64_t work, int64_t minimum) {
+    #ifdef _OPENMP
+        const int64_t most = omp_get_max_threads();
+        int64_t threads = work / (minimum > 0 ? minimum : 1);
+        if (threads > most) threads = most;
+        return threads < 1 ? 1 : (int)threads;
+    #else
+        (void)work; (void)minimum;
+        return 1;
+    #endif
+    }
 
     #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
     #define ASMK_POPCNT_ATTR __attribute__((target("popcnt")))
@@ -115,8 +151,9 @@ cdef extern from *:
                               int binary, uint64_t *restrict codes, float *restrict vecs) {
         const int64_t W = (D + 63) / 64;
         int failed = 0, nonfinite = 0;
+        const int threads = asmk_threads_for(n_pairs, ASMK_GROUP_PAIRS_PER_THREAD);
     #ifdef _OPENMP
-        #pragma omp parallel reduction(|:failed) reduction(|:nonfinite)
+        #pragma omp parallel num_threads(threads) if(threads > 1) reduction(|:failed) reduction(|:nonfinite)
     #endif
         {
         float *restrict acc = (float *)malloc((size_t)D * sizeof(float));
@@ -225,8 +262,10 @@ cdef extern from *:
         }
     }
 
-    /* Group the (descriptor, word) pairs of every image run by word; see group_pairs(). Returns
-       the number of groups G, or -1 when out of memory. */
+    /* Group the (descriptor, word) pairs of every image run by word; see group_pairs(). Images
+       are independent (each owns pair positions image_starts[i] * ma onwards), so threads share
+       them; a prefix sum of the per-image group counts then numbers the groups. Returns the
+       number of groups G, or -1 when out of memory. */
     static int64_t asmk_group_pairs(const int64_t *restrict words, int64_t ma,
                                     const int64_t *restrict descriptor_order,
                                     const int64_t *restrict image_starts, int64_t n_images,
@@ -238,10 +277,22 @@ cdef extern from *:
             const int64_t n = (image_starts[i + 1] - image_starts[i]) * ma;
             if (n > longest) longest = n;
         }
+        int64_t *image_groups = (int64_t *)calloc((size_t)n_images + 1, sizeof(int64_t));
+        if (image_groups == NULL) return -1;
+        const int threads = asmk_threads_for(image_starts[n_images] * ma,
+                                             ASMK_GROUP_PAIRS_PER_THREAD);
+        int failed = 0;
+    #ifdef _OPENMP
+        #pragma omp parallel num_threads(threads) if(threads > 1) reduction(|:failed)
+    #endif
+        {
         int64_t *tmp = (int64_t *)malloc((size_t)(2 * longest + 2) * sizeof(int64_t));
-        if (tmp == NULL) return -1;
-        int64_t G = 0;
+        if (tmp == NULL) failed = 1;
+    #ifdef _OPENMP
+        #pragma omp for schedule(dynamic, 64)
+    #endif
         for (int64_t i = 0; i < n_images; ++i) {
+            if (tmp == NULL) continue;
             const int64_t first = image_starts[i] * ma;
             const int64_t n = (image_starts[i + 1] - image_starts[i]) * ma;
             int64_t *w = pair_word + first, *d = pair_descriptor + first;
@@ -251,11 +302,28 @@ cdef extern from *:
                 for (int64_t a = 0; a < ma; ++a, ++k) { w[k] = words[desc * ma + a]; d[k] = desc; }
             }
             asmk_sort_by_word(w, d, tmp, tmp + longest + 1, n, bits);
-            for (int64_t p = 0; p < n; ++p) {
-                if (p == 0 || w[p] != w[p - 1]) { group_starts[G] = first + p; group_image[G] = i; ++G; }
-            }
+            int64_t groups = 0;
+            for (int64_t p = 0; p < n; ++p) groups += (p == 0 || w[p] != w[p - 1]);
+            image_groups[i + 1] = groups;
         }
         free(tmp);
+        }
+        if (failed) { free(image_groups); return -1; }
+        for (int64_t i = 0; i < n_images; ++i) image_groups[i + 1] += image_groups[i];
+    #ifdef _OPENMP
+        #pragma omp parallel for num_threads(threads) if(threads > 1) schedule(dynamic, 256)
+    #endif
+        for (int64_t i = 0; i < n_images; ++i) {
+            const int64_t first = image_starts[i] * ma;
+            const int64_t n = (image_starts[i + 1] - image_starts[i]) * ma;
+            const int64_t *w = pair_word + first;
+            int64_t g = image_groups[i];
+            for (int64_t p = 0; p < n; ++p) {
+                if (p == 0 || w[p] != w[p - 1]) { group_starts[g] = first + p; group_image[g] = i; ++g; }
+            }
+        }
+        const int64_t G = image_groups[n_images];
+        free(image_groups);
         return G;
     }
 
@@ -307,8 +375,50 @@ cdef extern from *:
             out[c] = acc;
         }
     }
+    /* Exact k nearest centroids, one block of centroids at a time: ip (rows, cols) inner products
+       of descriptors with centroids col_offset.., col_norms their squared norms. Distances are
+       ranked as |c|^2 - 2<x, c> (|x - c|^2 minus the row's constant |x|^2). best_d/best_i
+       (rows, k) hold each row's running k nearest, ascending; a candidate enters only when
+       strictly nearer than the current k-th, so ties keep the lower centroid id first. */
+    #define ASMK_NEAREST_BLOCK 16
+    static void asmk_merge_nearest(const float *restrict ip, int64_t rows, int64_t cols,
+                                   int64_t ip_stride, const float *restrict col_norms,
+                                   int64_t col_offset, int64_t k, float *restrict best_d,
+                                   int64_t *restrict best_i) {
+        /* one thread: ranking costs ~1/10 of the BLAS product that precedes it, and a second
+           thread pool would contend with BLAS's own (measured 2x slower on 2 cores) */
+        for (int64_t r = 0; r < rows; ++r) {
+            const float *restrict line = ip + r * ip_stride;
+            float *restrict bd = best_d + r * k;
+            int64_t *restrict bi = best_i + r * k;
+            float worst = bd[k - 1];
+            for (int64_t j0 = 0; j0 < cols; j0 += ASMK_NEAREST_BLOCK) {
+                const int64_t n = cols - j0 < ASMK_NEAREST_BLOCK ? cols - j0 : ASMK_NEAREST_BLOCK;
+                float d[ASMK_NEAREST_BLOCK];
+                int any = 0;  /* integer OR of comparisons: the block test vectorises */
+                for (int64_t t = 0; t < n; ++t) {
+                    d[t] = col_norms[j0 + t] - 2.0f * line[j0 + t];
+                    any |= d[t] < worst;
+                }
+                if (!any) continue;
+                for (int64_t t = 0; t < n; ++t) {
+                    if (!(d[t] < worst)) continue;
+                    int64_t at = k - 1;  /* insertion into the sorted list */
+                    while (at > 0 && d[t] < bd[at - 1]) { bd[at] = bd[at - 1]; bi[at] = bi[at - 1]; --at; }
+                    bd[at] = d[t];
+                    bi[at] = col_offset + j0 + t;
+                    worst = bd[k - 1];
+                }
+            }
+        }
+    }
     """
     int asmk_cpu_has_popcnt()
+    int omp_threads "asmk_threads_for"(int64_t work, int64_t minimum) nogil
+    void asmk_set_max_threads(int count) nogil
+    void asmk_merge_nearest(const float *ip, int64_t rows, int64_t cols, int64_t ip_stride,
+                            const float *col_norms, int64_t col_offset, int64_t k, float *best_d,
+                            int64_t *best_i) nogil
     void asmk_scan_binary_popcnt(const uint64_t *qcodes, const int64_t *qwords,
                                  const double *qweights, int64_t nq, const int64_t *offsets,
                                  const uint64_t *codes, const uint32_t *docs, int64_t W,
@@ -349,6 +459,22 @@ cdef extern from *:
 import numpy as np
 
 cdef bint _HAS_POPCNT = asmk_cpu_has_popcnt() != 0
+# bytes below which a row copy (scatter, segment merge) runs on one thread
+cdef int64_t COPY_BYTES_PER_THREAD = 1 << 20
+
+
+def max_threads():
+    """Threads the compiled loops may use (OpenMP's limit, e.g. OMP_NUM_THREADS; 1 when the
+    kernels were built without OpenMP)."""
+    return omp_threads(1 << 62, 1)
+
+
+def set_max_threads(int count):
+    """Limit the compiled loops to ``count`` (>= 1) threads (the calling thread's OpenMP limit);
+    no effect without OpenMP. Results do not depend on it."""
+    if count < 1:
+        raise ValueError(f"thread count must be >= 1, got {count}")
+    asmk_set_max_threads(count)
 
 
 def has_popcnt():
@@ -559,19 +685,53 @@ def score_float(const float[:, ::1] query_vecs, const int64_t[::1] query_words,
                          nc, alpha, threshold, &out[0])
 
 
+def merge_nearest(const float[:, :] inner_products, const float[::1] centroid_norms,
+                  int64_t first_centroid, float[:, ::1] best_distances, int64_t[:, ::1] best_ids):
+    """Fold one block of inner products into running k-nearest-centroid lists.
+
+    inner_products (rows, cols) float32 (rows C-contiguous; may be a slice of a wider buffer):
+    <x_r, c_j> for centroids ``first_centroid + j``; centroid_norms (cols,) their squared norms.
+    best_distances / best_ids (rows, k): each row's k smallest ``|c|^2 - 2 <x, c>`` so far,
+    ascending (start with +inf / -1); updated in place. Ties keep the lower centroid id first.
+    """
+    cdef int64_t rows = inner_products.shape[0], cols = inner_products.shape[1]
+    cdef int64_t k = best_distances.shape[1]
+    if centroid_norms.shape[0] != cols or best_distances.shape[0] != rows or \
+            best_ids.shape[0] != rows or best_ids.shape[1] != k or k < 1:
+        raise ValueError("merge_nearest: shapes differ")
+    if cols > 1 and inner_products.strides[1] != sizeof(float):
+        raise ValueError("merge_nearest: inner product rows must be contiguous")
+    if rows == 0 or cols == 0:
+        return
+    with nogil:
+        asmk_merge_nearest(&inner_products[0, 0], rows, cols,
+                           inner_products.strides[0] // sizeof(float), &centroid_norms[0],
+                           first_centroid, k, &best_distances[0, 0], &best_ids[0, 0])
+
+
 def scatter_rows(const unsigned char[:, ::1] rows, const int64_t[::1] position,
                  unsigned char[:, ::1] out):
     """out[position[i]] = rows[i] for every row (byte views of any C-contiguous rows); position
-    must be a permutation of range(len(out))."""
+    must be a permutation of range(len(out)). Rows are shared among threads."""
     cdef Py_ssize_t n = rows.shape[0], i
     cdef Py_ssize_t width = rows.shape[1]
     if n != position.shape[0] or n != out.shape[0] or width != out.shape[1]:
         raise ValueError("scatter_rows: shapes differ")
     if n == 0 or width == 0:
         return
-    with nogil:
-        for i in range(n):
-            memcpy(&out[position[i], 0], &rows[i, 0], width)
+    cdef int threads = omp_threads(n * width, COPY_BYTES_PER_THREAD)
+    for i in prange(n, nogil=True, num_threads=threads, schedule="static"):
+        memcpy(&out[position[i], 0], &rows[i, 0], width)
+
+
+def gather_positions(const int64_t[::1] table, const uint32_t[::1] index, uint32_t[::1] out):
+    """out[i] = table[index[i]] (uint32; the caller guarantees the values fit)."""
+    cdef Py_ssize_t n = index.shape[0], i
+    if out.shape[0] != n:
+        raise ValueError("gather_positions: shapes differ")
+    cdef int threads = omp_threads(n * 8, COPY_BYTES_PER_THREAD)
+    for i in prange(n, nogil=True, num_threads=threads, schedule="static"):
+        out[i] = <uint32_t>table[index[i]]
 
 
 def merge_postings(const int64_t[::1] first_offsets, const unsigned char[:, ::1] first_rows,
@@ -580,27 +740,28 @@ def merge_postings(const int64_t[::1] first_offsets, const unsigned char[:, ::1]
                    int64_t[::1] second_position):
     """Interleave two word-major posting tables (rows as bytes: a doc id, a code, ...): per word,
     the first table's rows then the second's. Writes ``out_rows`` (n1 + n2, width) and where every
-    row went (``first_position`` (n1,), ``second_position`` (n2,))."""
+    row went (``first_position`` (n1,), ``second_position`` (n2,)). Word w starts at
+    ``first_offsets[w] + second_offsets[w]``, so words are shared among threads."""
     cdef Py_ssize_t K = first_offsets.shape[0] - 1, w, i
     cdef Py_ssize_t width = out_rows.shape[1]
-    cdef int64_t pos = 0, start, count
+    cdef int64_t pos, start, count, second_pos
     if second_offsets.shape[0] != K + 1 or out_rows.shape[0] != first_rows.shape[0] + \
             second_rows.shape[0] or first_position.shape[0] != first_rows.shape[0] or \
             second_position.shape[0] != second_rows.shape[0]:
         raise ValueError("merge_postings: shapes differ")
-    with nogil:
-        for w in range(K):
-            start = first_offsets[w]
-            count = first_offsets[w + 1] - start
-            if count > 0:
-                memcpy(&out_rows[pos, 0], &first_rows[start, 0], count * width)
-                for i in range(count):
-                    first_position[start + i] = pos + i
-                pos += count
-            start = second_offsets[w]
-            count = second_offsets[w + 1] - start
-            if count > 0:
-                memcpy(&out_rows[pos, 0], &second_rows[start, 0], count * width)
-                for i in range(count):
-                    second_position[start + i] = pos + i
-                pos += count
+    cdef int threads = omp_threads(out_rows.shape[0] * width, COPY_BYTES_PER_THREAD)
+    for w in prange(K, nogil=True, num_threads=threads, schedule="guided"):
+        pos = first_offsets[w] + second_offsets[w]
+        start = first_offsets[w]
+        count = first_offsets[w + 1] - start
+        if count > 0:
+            memcpy(&out_rows[pos, 0], &first_rows[start, 0], count * width)
+            for i in range(count):
+                first_position[start + i] = pos + i
+        second_pos = pos + count
+        start = second_offsets[w]
+        count = second_offsets[w + 1] - start
+        if count > 0:
+            memcpy(&out_rows[second_pos, 0], &second_rows[start, 0], count * width)
+            for i in range(count):
+                second_position[start + i] = second_pos + i

@@ -125,8 +125,11 @@ class Segment:
             _kernels.merge_postings(self.offsets, _row_bytes(mine), later.offsets,
                                     _row_bytes(theirs), _row_bytes(out), new_position_self,
                                     new_position_later)
-        fwd_positions = np.concatenate([new_position_self[self.fwd_positions],
-                                        new_position_later[later.fwd_positions]]).astype(np.uint32)
+        fwd_positions = np.empty(n_total, dtype=np.uint32)
+        _kernels.gather_positions(new_position_self, self.fwd_positions,
+                                  fwd_positions[:self.n_postings])
+        _kernels.gather_positions(new_position_later, later.fwd_positions,
+                                  fwd_positions[self.n_postings:])
         fwd_offsets = np.concatenate([self.fwd_offsets[:-1], later.fwd_offsets + self.n_postings])
         return Segment(self.doc_start, self.n_docs + later.n_docs, self.offsets + later.offsets,
                        docs, codes, fwd_offsets, fwd_positions)

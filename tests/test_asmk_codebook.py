@@ -6,7 +6,8 @@ import pickle
 import numpy as np
 import pytest
 
-from asmk_index.codebook import Codebook
+from asmk_index import codebook as codebook_module
+from asmk_index.codebook import Codebook, nearest_centroids
 from asmk_index.interop import codebook_from_asmk_state
 from asmk_index.persistence import IndexFormatError
 
@@ -76,6 +77,38 @@ def test_quantize_is_exact_nearest(blobs):
     np.testing.assert_array_equal(words, brute_force_nearest(points[:300], codebook.centroids, 4))
     np.testing.assert_array_equal(codebook.quantize(points[:300])[:, 0], words[:, 0])
     assert codebook.quantize(np.zeros((0, 24), np.float32), 2).shape == (0, 2)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_nearest_centroids_equals_faiss_across_blocks(monkeypatch, k):
+    """The blocked BLAS + compiled ranking path gives faiss IndexFlatL2's words, also when the
+    descriptors and centroids span several blocks (small blocks forced here)."""
+    import faiss
+    rng = np.random.default_rng(k)
+    centroids = rng.standard_normal((1100, 32)).astype(np.float32)
+    points = rng.standard_normal((700, 32)).astype(np.float32)
+    flat = faiss.IndexFlatL2(32)
+    flat.add(centroids)
+    expected = flat.search(points, k)[1]
+    np.testing.assert_array_equal(nearest_centroids(points, centroids, k), expected)
+    monkeypatch.setattr(codebook_module, "NEAREST_ROWS", 128)
+    monkeypatch.setattr(codebook_module, "NEAREST_BUFFER", 128 * 300)
+    monkeypatch.setattr(codebook_module, "NEAREST_MIN_COLUMNS", 100)
+    np.testing.assert_array_equal(nearest_centroids(points, centroids, k), expected)
+    np.testing.assert_array_equal(Codebook.from_centroids(centroids).quantize(points, k), expected)
+
+
+def test_nearest_centroids_ties_and_edges():
+    # duplicated centroids tie exactly: the lower id comes first, each id once
+    centroids = np.repeat(np.eye(3, dtype=np.float32), 2, axis=0)  # ids 2j and 2j+1 equal
+    points = np.array([[1, 0, 0], [0, 0.9, 0.1]], dtype=np.float32)
+    np.testing.assert_array_equal(nearest_centroids(points, centroids, 3), [[0, 1, 2], [2, 3, 4]])
+    # k equal to the codebook size ranks every centroid
+    words = nearest_centroids(points, centroids, 6)
+    assert sorted(words[0].tolist()) == list(range(6))
+    assert nearest_centroids(points[:0], centroids, 2).shape == (0, 2)
+    with pytest.raises(ValueError, match="k must be"):
+        nearest_centroids(points, centroids, 7)
 
 
 def test_quantize_rejects_bad_input(blobs):

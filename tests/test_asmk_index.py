@@ -454,3 +454,31 @@ def test_segment_from_doc_major_equals_from_postings(dataset):
     for name, array in general.arrays().items():
         np.testing.assert_array_equal(fast.arrays()[name], array, err_msg=name)
         assert fast.arrays()[name].dtype == array.dtype, name
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "real"])
+def test_results_do_not_depend_on_the_thread_count(binary):
+    """Enough descriptors that the compiled grouping and aggregation share images among threads:
+    indexes built with 1 and with 4 threads are bit-identical, and so are their results."""
+    import asmk_index
+    descriptors, image, _ = clustered_images(2000, 60, 16, seed=5, n_patterns=64,
+                                             patterns_per_image=40)
+    codebook = Codebook.from_centroids(descriptors[::2000][:64])
+    query = perturbed(descriptors[image == 7], 1)
+    order = np.random.default_rng(0).permutation(image.size)  # interleaved images
+    before = asmk_index.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 4):
+            asmk_index.set_num_threads(threads)
+            index = AsmkIndex(codebook, binary=binary)
+            index.add(descriptors[order], image[order])
+            segment = index._segments[0]
+            results.append((segment.codes, segment.docs, segment.offsets,
+                            *index.search(query, 2000)))
+    finally:
+        asmk_index.set_num_threads(before)
+    for single, multi in zip(*results):
+        np.testing.assert_array_equal(single, multi)
+    with pytest.raises(ValueError):
+        asmk_index.set_num_threads(0)

@@ -470,8 +470,9 @@ def max_threads():
 
 
 def set_max_threads(int count):
-    """Limit the compiled loops to ``count`` (>= 1) threads (the calling thread's OpenMP limit);
-    no effect without OpenMP. Results do not depend on it."""
+    """Limit the compiled loops to ``count`` (>= 1) threads: the calling thread's OpenMP limit,
+    which other OpenMP code of the process sharing the runtime (torch's CPU ops) also reads. No
+    effect without OpenMP. Results do not depend on it."""
     if count < 1:
         raise ValueError(f"thread count must be >= 1, got {count}")
     asmk_set_max_threads(count)

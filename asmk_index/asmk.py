@@ -129,7 +129,9 @@ class AsmkIndex:
             inv_sqrt_norm = np.zeros(n_docs, dtype=np.float64)
             positive = norm > 0
             inv_sqrt_norm[positive] = 1.0 / np.sqrt(norm[positive])
-            self._idf, self._inv_sqrt_norm = idf, inv_sqrt_norm
+            # the guard (_idf) is set last: concurrent searches never see half a cache
+            self._inv_sqrt_norm = inv_sqrt_norm
+            self._idf = idf
         return self._idf, self._inv_sqrt_norm
 
     def _doc_positions(self, image_ids: np.ndarray) -> np.ndarray:

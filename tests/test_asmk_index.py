@@ -482,3 +482,25 @@ def test_results_do_not_depend_on_the_thread_count(binary):
         np.testing.assert_array_equal(single, multi)
     with pytest.raises(ValueError):
         asmk_index.set_num_threads(0)
+
+
+def test_concurrent_searches_from_several_threads(dataset):
+    """Searches release the GIL and share lazily built caches: four threads searching a fresh
+    index at once get exactly the sequential results."""
+    from concurrent.futures import ThreadPoolExecutor
+    codebook, descriptors, ids = dataset
+    queries = [perturbed(descriptors[ids == image_id], seed) for seed, image_id in
+               enumerate(np.unique(ids)[:24])]
+    index = AsmkIndex(codebook, use_idf=True)
+    index.add(descriptors, ids)
+    expected = [index.search(query, 20) for query in queries]
+    fresh = AsmkIndex(codebook, use_idf=True)  # caches not built yet
+    fresh.add(descriptors, ids)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda query: (fresh.search(query, 20),
+                                           fresh.score(query, ids[::40])), queries))
+    for (want_ids, want_scores), ((got_ids, got_scores), shortlist_scores), query in \
+            zip(expected, got, queries):
+        np.testing.assert_array_equal(got_ids, want_ids)
+        np.testing.assert_array_equal(got_scores, want_scores)
+        np.testing.assert_array_equal(shortlist_scores, index.score(query, ids[::40]))

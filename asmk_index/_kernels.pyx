@@ -710,6 +710,82 @@ def merge_nearest(const float[:, :] inner_products, const float[::1] centroid_no
                            first_centroid, k, &best_distances[0, 0], &best_ids[0, 0])
 
 
+cdef inline bint _ranks_before(double score_a, int64_t id_a, double score_b,
+                               int64_t id_b) noexcept nogil:
+    """Whether a ranks before b: higher score, then lower id."""
+    return score_a > score_b or (score_a == score_b and id_a < id_b)
+
+
+cdef void _sift_down(double *score, int64_t *id_, int64_t *pos, Py_ssize_t size,
+                     Py_ssize_t at) noexcept nogil:
+    """Restore the heap below ``at``: every parent ranks after its children (root = worst)."""
+    cdef Py_ssize_t child, worst
+    while True:
+        worst = at
+        child = 2 * at + 1
+        if child < size and _ranks_before(score[worst], id_[worst], score[child], id_[child]):
+            worst = child
+        if child + 1 < size and _ranks_before(score[worst], id_[worst], score[child + 1],
+                                              id_[child + 1]):
+            worst = child + 1
+        if worst == at:
+            return
+        score[at], score[worst] = score[worst], score[at]
+        id_[at], id_[worst] = id_[worst], id_[at]
+        pos[at], pos[worst] = pos[worst], pos[at]
+        at = worst
+
+
+def top_k(const double[::1] scores, const int64_t[::1] ids, Py_ssize_t k):
+    """Positions (min(k, n),) int64 of the k best scores, best first, ties by the lower id.
+
+    One pass with a k-entry heap whose root is the worst kept (O(n + k log k) for typical
+    inputs); NaN scores never enter.
+    """
+    cdef Py_ssize_t n = scores.shape[0], size = 0, i, last
+    if ids.shape[0] != n:
+        raise ValueError("top_k: scores and ids differ in length")
+    if k < 0:
+        raise ValueError(f"top_k: k must be >= 0, got {k}")
+    k = min(k, n)
+    heap_score_array = np.empty(k, dtype=np.float64)
+    heap_id_array = np.empty(k, dtype=np.int64)
+    heap_pos_array = np.empty(k, dtype=np.int64)
+    if k == 0:
+        return heap_pos_array
+    cdef double[::1] heap_score = heap_score_array
+    cdef int64_t[::1] heap_id = heap_id_array, heap_pos = heap_pos_array
+    with nogil:
+        for i in range(n):
+            if scores[i] != scores[i]:
+                continue
+            if size < k:  # fill, then heapify once full
+                heap_score[size] = scores[i]
+                heap_id[size] = ids[i]
+                heap_pos[size] = i
+                size += 1
+                if size == k:
+                    for last in range(k // 2 - 1, -1, -1):
+                        _sift_down(&heap_score[0], &heap_id[0], &heap_pos[0], k, last)
+            elif _ranks_before(scores[i], ids[i], heap_score[0], heap_id[0]):
+                heap_score[0] = scores[i]
+                heap_id[0] = ids[i]
+                heap_pos[0] = i
+                _sift_down(&heap_score[0], &heap_id[0], &heap_pos[0], k, 0)
+        if size < k:  # fewer non-NaN scores than k
+            for last in range(size // 2 - 1, -1, -1):
+                _sift_down(&heap_score[0], &heap_id[0], &heap_pos[0], size, last)
+        # pop the worst to the back, one at a time: best first at the end
+        last = size - 1
+        while last > 0:
+            heap_score[0], heap_score[last] = heap_score[last], heap_score[0]
+            heap_id[0], heap_id[last] = heap_id[last], heap_id[0]
+            heap_pos[0], heap_pos[last] = heap_pos[last], heap_pos[0]
+            _sift_down(&heap_score[0], &heap_id[0], &heap_pos[0], last, 0)
+            last -= 1
+    return heap_pos_array[:size]
+
+
 def scatter_rows(const unsigned char[:, ::1] rows, const int64_t[::1] position,
                  unsigned char[:, ::1] out):
     """out[position[i]] = rows[i] for every row (byte views of any C-contiguous rows); position

@@ -66,17 +66,6 @@ def _image_runs(image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, n
     return new_ids, order, starts
 
 
-def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k best scores, best first; ties broken by the lower id."""
-    if k < scores.size:
-        kth = np.partition(-scores, k - 1)[k - 1]
-        candidates = np.flatnonzero(-scores <= kth)
-    else:
-        candidates = np.arange(scores.size)
-    order = np.lexsort((ids[candidates], -scores[candidates]))
-    return candidates[order[:k]]
-
-
 class AsmkIndex:
     """ASMK* index of images given as sets of local descriptors (see module docstring)."""
 
@@ -287,7 +276,7 @@ class AsmkIndex:
         weights, inv_sqrt_query_norm = self._query_weights(words)
         _, inv_sqrt_norm = self._weights()
         scores = self._accumulate(words, vectors, weights) * inv_sqrt_norm * inv_sqrt_query_norm
-        best = _top_k(scores, self._doc_ids, k)
+        best = _kernels.top_k(scores, self._doc_ids, k)  # ties: lower id first
         return self._doc_ids[best], scores[best]
 
     def score(self, query_descriptors, candidate_ids) -> np.ndarray:

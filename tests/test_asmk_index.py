@@ -504,3 +504,19 @@ def test_concurrent_searches_from_several_threads(dataset):
         np.testing.assert_array_equal(got_ids, want_ids)
         np.testing.assert_array_equal(got_scores, want_scores)
         np.testing.assert_array_equal(shortlist_scores, index.score(query, ids[::40]))
+
+
+@pytest.mark.parametrize("n, k", [(1, 1), (10, 3), (10, 25), (1000, 100), (5000, 1)])
+def test_compiled_top_k_equals_a_full_sort(n, k):
+    """top_k: best score first, ties by the lower id, NaN never listed; equal to sorting all."""
+    from asmk_index import _kernels
+    rng = np.random.default_rng(n + k)
+    for _ in range(5):
+        scores = np.round(rng.random(n), 2)  # many exact ties
+        scores[rng.random(n) < 0.3] = 0.0
+        scores[rng.random(n) < 0.05] = np.nan
+        ids = rng.permutation(3 * n)[:n].astype(np.int64)
+        finite = np.flatnonzero(~np.isnan(scores))
+        expected = finite[np.lexsort((ids[finite], -scores[finite]))][:k]
+        np.testing.assert_array_equal(_kernels.top_k(scores, ids, k), expected)
+    assert _kernels.top_k(scores, ids, 0).size == 0

@@ -811,6 +811,15 @@ def gather_positions(const int64_t[::1] table, const uint32_t[::1] index, uint32
         out[i] = <uint32_t>table[index[i]]
 
 
+cdef inline void _copy_run(unsigned char *out, const unsigned char *rows, int64_t count,
+                           int64_t width, int64_t *position, int64_t first) noexcept nogil:
+    """Copy ``count`` rows of ``width`` bytes and record where row i went (first + i)."""
+    cdef int64_t i
+    memcpy(out, rows, count * width)
+    for i in range(count):
+        position[i] = first + i
+
+
 def merge_postings(const int64_t[::1] first_offsets, const unsigned char[:, ::1] first_rows,
                    const int64_t[::1] second_offsets, const unsigned char[:, ::1] second_rows,
                    unsigned char[:, ::1] out_rows, int64_t[::1] first_position,
@@ -819,7 +828,7 @@ def merge_postings(const int64_t[::1] first_offsets, const unsigned char[:, ::1]
     the first table's rows then the second's. Writes ``out_rows`` (n1 + n2, width) and where every
     row went (``first_position`` (n1,), ``second_position`` (n2,)). Word w starts at
     ``first_offsets[w] + second_offsets[w]``, so words are shared among threads."""
-    cdef Py_ssize_t K = first_offsets.shape[0] - 1, w, i
+    cdef Py_ssize_t K = first_offsets.shape[0] - 1, w
     cdef Py_ssize_t width = out_rows.shape[1]
     cdef int64_t pos, start, count, second_pos
     if second_offsets.shape[0] != K + 1 or out_rows.shape[0] != first_rows.shape[0] + \
@@ -832,13 +841,11 @@ def merge_postings(const int64_t[::1] first_offsets, const unsigned char[:, ::1]
         start = first_offsets[w]
         count = first_offsets[w + 1] - start
         if count > 0:
-            memcpy(&out_rows[pos, 0], &first_rows[start, 0], count * width)
-            for i in range(count):
-                first_position[start + i] = pos + i
+            _copy_run(&out_rows[pos, 0], &first_rows[start, 0], count, width,
+                      &first_position[start], pos)
         second_pos = pos + count
         start = second_offsets[w]
         count = second_offsets[w + 1] - start
         if count > 0:
-            memcpy(&out_rows[second_pos, 0], &second_rows[start, 0], count * width)
-            for i in range(count):
-                second_position[start + i] = second_pos + i
+            _copy_run(&out_rows[second_pos, 0], &second_rows[start, 0], count, width,
+                      &second_position[start], second_pos)

@@ -1,10 +1,11 @@
 """Visual-word codebook: faiss k-means training and exact nearest-centroid quantization.
 
-Quantization is exact by default: on a GPU (when faiss sees one) a faiss flat index, on the CPU
-:func:`nearest_centroids` (BLAS inner products and a compiled k-smallest pass). It gives the words
-of faiss ``IndexFlatL2`` up to float32 rounding of near-ties (1 descriptor in 300k differed), as
-fast for one word per descriptor and 2-4x (4096 words) to 5-10x (65536 words) faster for a query's
-multiple assignment, where faiss keeps a heap per descriptor. An HNSW quantizer is optional.
+Quantization is exact by default. On a GPU (when faiss sees one) it is a faiss flat index. On the
+CPU, batches with one word per descriptor (index building) use faiss ``IndexFlatL2`` too; a query's
+multiple assignment, and small batches, use :func:`nearest_centroids` (BLAS inner products and a
+compiled k-smallest pass), 2-4x (4096 words) to 5-10x (65536 words) faster than faiss there, where
+faiss keeps a heap per descriptor. Both give the same words up to float32 rounding of near-ties
+(1 descriptor in 300k differed). An HNSW quantizer is optional.
 """
 from __future__ import annotations
 
@@ -23,7 +24,12 @@ CODEBOOK_KIND = "asmk_codebook"
 NEAREST_ROWS = 8192
 NEAREST_BUFFER = 1 << 22
 NEAREST_MIN_COLUMNS = 512
-FAISS_SEARCH_BATCH = 1 << 18  # descriptors per faiss search call (GPU, HNSW)
+FAISS_SEARCH_BATCH = 1 << 18  # descriptors per faiss search call
+# single assignment of at least this many descriptors (index building) goes to faiss IndexFlatL2 on
+# the CPU too: as fast as nearest_centroids, and its OpenMP threads stop spinning soon after,
+# where numpy's BLAS threads spin on for ~0.1 s and slowed the aggregation that follows by
+# 1.5-2x (2 cores)
+FAISS_MIN_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -169,7 +175,8 @@ class Codebook:
         words = np.empty((descriptors.shape[0], multiple_assignment), dtype=np.int64)
         if descriptors.shape[0] == 0:
             return words
-        if self._approximate is None and not _use_gpu():
+        if self._approximate is None and not _use_gpu() and (
+                multiple_assignment > 1 or descriptors.shape[0] < FAISS_MIN_ROWS):
             return nearest_centroids(descriptors, self._centroids, multiple_assignment,
                                      centroid_norms=self._centroid_norms())
         if self._search_index is None:

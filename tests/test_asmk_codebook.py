@@ -96,6 +96,9 @@ def test_nearest_centroids_equals_faiss_across_blocks(monkeypatch, k):
     monkeypatch.setattr(codebook_module, "NEAREST_MIN_COLUMNS", 100)
     np.testing.assert_array_equal(nearest_centroids(points, centroids, k), expected)
     np.testing.assert_array_equal(Codebook.from_centroids(centroids).quantize(points, k), expected)
+    # large single-assignment batches take faiss itself: the same words
+    monkeypatch.setattr(codebook_module, "FAISS_MIN_ROWS", 500)
+    np.testing.assert_array_equal(Codebook.from_centroids(centroids).quantize(points, k), expected)
 
 
 def test_nearest_centroids_ties_and_edges():

@@ -314,7 +314,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, result_dir: str) -> None:
                                     setup_distributed, wrap_ddp)
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
     info = setup_distributed(device="cpu")
     torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's
@@ -337,10 +337,19 @@ def test_two_process_gloo_ddp(tmp_path: Path):
     import torch
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    # failed once in about ten full runs on the shared 2-core machine and never alone; the likely
+    # cause: the free port found here is released before rank 0 binds it, and another process can
+    # take it meanwhile. One retry on a fresh port; a second failure is raised.
+    for attempt in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        try:
+            mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+            break
+        except (mp.ProcessRaisedException, mp.ProcessExitedException):
+            if attempt:
+                raise
     results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
     assert sorted(results[0]["indices"] + results[1]["indices"]) == list(range(8))  # disjoint shards
     assert torch.equal(results[0]["weight"], results[1]["weight"])  # rank 0's weights broadcast

@@ -26,9 +26,9 @@ NEAREST_BUFFER = 1 << 22
 NEAREST_MIN_COLUMNS = 512
 FAISS_SEARCH_BATCH = 1 << 18  # descriptors per faiss search call
 # single assignment of at least this many descriptors (index building) goes to faiss IndexFlatL2 on
-# the CPU too: as fast as nearest_centroids, and its OpenMP threads stop spinning soon after,
-# where numpy's BLAS threads spin on for ~0.1 s and slowed the aggregation that follows by
-# 1.5-2x (2 cores)
+# the CPU too: as fast as nearest_centroids, and the aggregation that follows ran at its own
+# speed after it, but 1.5-2x slower after numpy's BLAS product, whose idle OpenBLAS threads keep
+# spinning for a while (2 cores; OPENBLAS_THREAD_TIMEOUT=4 removed that effect)
 FAISS_MIN_ROWS = 4096
 
 

@@ -27,7 +27,7 @@ cdef extern from *:
     /* Pairs below which grouping/aggregation runs on one thread (start-up costs more than it
        saves). Only these index-building loops use OpenMP: the query path stays on the calling
        thread, because its few milliseconds follow a BLAS product whose worker threads keep
-       spinning, and two spinning thread pools on the same cores made queries 1.6-2.5x slower
+       spinning, and two spinning thread pools on the same cores made queries 1.6-3.2x slower
        (2 cores, 4096 and 65536 words). Concurrent queries from several Python threads do run in
        parallel: every kernel releases the GIL. */
     #define ASMK_GROUP_PAIRS_PER_THREAD 16384

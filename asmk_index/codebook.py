@@ -53,6 +53,11 @@ def _flat_l2_index(centroids: np.ndarray):
     return index
 
 
+def squared_norms(rows: np.ndarray) -> np.ndarray:
+    """(N,) float32 squared L2 norms of (N, D) float32 rows."""
+    return np.einsum("ij,ij->i", rows, rows)
+
+
 def nearest_centroids(descriptors: np.ndarray, centroids: np.ndarray, k: int, *,
                       centroid_norms: np.ndarray | None = None) -> np.ndarray:
     """Exact k nearest centroids (squared L2) of every descriptor, nearest first, on the CPU.
@@ -66,7 +71,7 @@ def nearest_centroids(descriptors: np.ndarray, centroids: np.ndarray, k: int, *,
     if not 1 <= k <= size:
         raise ValueError(f"k must be in [1, {size}], got {k}")
     if centroid_norms is None:
-        centroid_norms = np.einsum("ij,ij->i", centroids, centroids)
+        centroid_norms = squared_norms(centroids)
     words = np.empty((n, k), dtype=np.int64)
     rows = min(NEAREST_ROWS, max(n, 1))
     columns = min(size, max(NEAREST_MIN_COLUMNS, NEAREST_BUFFER // rows))
@@ -172,13 +177,13 @@ class Codebook:
             raise ValueError(f"multiple_assignment must be in [1, {self.size}] for a codebook of "
                              f"{self.size} words, got {multiple_assignment}")
         descriptors = check_descriptors(descriptors, dim=self.dim, allow_empty=True)
-        words = np.empty((descriptors.shape[0], multiple_assignment), dtype=np.int64)
-        if descriptors.shape[0] == 0:
-            return words
         if self._approximate is None and not _use_gpu() and (
                 multiple_assignment > 1 or descriptors.shape[0] < FAISS_MIN_ROWS):
             return nearest_centroids(descriptors, self._centroids, multiple_assignment,
                                      centroid_norms=self._centroid_norms())
+        words = np.empty((descriptors.shape[0], multiple_assignment), dtype=np.int64)
+        if descriptors.shape[0] == 0:
+            return words
         if self._search_index is None:
             self._search_index = self._build_search_index()
         for start in range(0, descriptors.shape[0], FAISS_SEARCH_BATCH):
@@ -189,7 +194,7 @@ class Codebook:
 
     def _centroid_norms(self) -> np.ndarray:
         if self._norms is None:
-            self._norms = np.einsum("ij,ij->i", self._centroids, self._centroids)
+            self._norms = squared_norms(self._centroids)
         return self._norms
 
     def _build_search_index(self):

@@ -1,8 +1,9 @@
 """Benchmark: our ASMK* engine (asmk_index) against the reference ``asmk`` package (0.1.1).
 
 Both get the same synthetic clustered 128-d descriptors (generated in chunks from a seed) and the
-same centroids, and each quantizes them with its own exact search (ours: BLAS blocks and a
-compiled ranking; the reference: faiss IndexFlatL2). Per configuration (codebook size x number of
+same centroids, and each quantizes them with its own exact search (ours: Codebook.quantize, i.e.
+faiss IndexFlatL2 for building and BLAS blocks with a compiled ranking for a query's multiple
+assignment; the reference: faiss IndexFlatL2 for both). Per configuration (codebook size x number of
 images) it prints build time (quantize + aggregate + invert, and the part after quantization),
 median query latency (full search, and without the query's own quantization; ours also score() of
 a 100-image shortlist), bytes per image and ours/reference ratios.
@@ -314,9 +315,9 @@ def main(argv=None) -> None:
                       f"{ref['bytes_per_image']:.0f} B/image", flush=True)
             rows.append(row)
     print()
-    print("quantizers, both exact: ours (Codebook.quantize: BLAS blocks + compiled k-smallest "
-          "ranking) and the reference's (faiss IndexFlatL2 search), each timed inside its own "
-          "build and query; "
+    print("quantizers, both exact: ours (Codebook.quantize: faiss IndexFlatL2 for building, BLAS "
+          "blocks + compiled k-smallest ranking for queries) and the reference's (faiss "
+          "IndexFlatL2 search), each timed inside its own build and query; "
           + (f"images beyond {args.distinct_images} are copies of the first {args.distinct_images} "
              "under new ids (quantized once: our quantize column is for the distinct images); "
              if args.distinct_images else "") +

@@ -4,7 +4,8 @@ Both get the same synthetic clustered 128-d descriptors (generated in chunks fro
 same centroids, and each quantizes them with its own exact search (ours: Codebook.quantize, i.e.
 faiss IndexFlatL2 for building and BLAS blocks with a compiled ranking for a query's multiple
 assignment; the reference: faiss IndexFlatL2 for both). Per configuration (codebook size x number of
-images) it prints build time (quantize + aggregate + invert, and the part after quantization),
+images) it prints build time (quantize + aggregate + invert, and the part after quantization:
+the median of --build-repeats builds from the words of one quantization, for both engines),
 median query latency (full search, and without the query's own quantization; ours also score() of
 a 100-image shortlist), bytes per image and ours/reference ratios.
 
@@ -153,14 +154,19 @@ class RepeatedChunks:
                 yield descriptors, ids + copy * self.distinct, words, seconds if copy == 0 else 0.0
 
 
-def run_ours(codebook, chunks, queries):
-    index = AsmkIndex(codebook, binary=True, use_idf=False)
-    quantize_time = rest_time = 0.0
-    for descriptors, ids, words, seconds in chunks:
-        quantize_time += seconds
+def run_ours(codebook, chunks, queries, build_repeats: int):
+    """Build (the chunks' quantization, then ``build_repeats`` index builds from those words:
+    the median counts), then time full searches and score() of random 100-image shortlists."""
+    chunks = list(chunks)
+    quantize_time = sum(chunk[3] for chunk in chunks)
+    build_times = []
+    for _ in range(build_repeats):
+        index = AsmkIndex(codebook, binary=True, use_idf=False)
         start = time.perf_counter()
-        index.add(descriptors, ids, words=words)
-        rest_time += time.perf_counter() - start
+        for descriptors, ids, words, _ in chunks:
+            index.add(descriptors, ids, words=words)
+        build_times.append(time.perf_counter() - start)
+    rest_time = statistics.median(build_times)
     rng = np.random.default_rng(5)
     timer = MethodTimer(codebook, "quantize")
     query_time, engine_time = timed_queries(lambda query: index.search(query, 100), timer, queries)
@@ -176,6 +182,26 @@ def run_ours(codebook, chunks, queries):
             "bytes_per_image": index.bytes_per_image(), "index": index}
 
 
+class RecordedQuantizer:
+    """Stands in for the reference codebook's quantize(): replays the results of its first build
+    in call order, so that a repeated build times only the reference's aggregation and inversion."""
+
+    def __init__(self, cdb):
+        self.results, self._replay = [], None
+        self._quantize = cdb.quantize
+
+    def record(self, *args, **kwargs):
+        result = self._quantize(*args, **kwargs)
+        self.results.append(result)
+        return result
+
+    def replay(self, *args, **kwargs):
+        return next(self._replay)
+
+    def rewind(self):
+        self._replay = iter(self.results)
+
+
 def reference_bytes(ivf) -> int:
     total = np.asarray(ivf.norm_factor).nbytes + ivf.counts.nbytes + ivf.idf.nbytes
     for vecs, imids in zip(ivf.ivf_vecs, ivf.ivf_image_ids):
@@ -184,7 +210,7 @@ def reference_bytes(ivf) -> int:
     return total
 
 
-def run_reference(codebook, chunks, queries):
+def run_reference(codebook, chunks, queries, build_repeats: int):
     from asmk import asmk_method
     from asmk import codebook as reference_codebook
     from asmk import index as reference_index
@@ -197,17 +223,27 @@ def run_reference(codebook, chunks, queries):
     cdb = reference_codebook.Codebook(reference_index.initialize_index(None), size=codebook.size)
     cdb.index(np.array(codebook.centroids))
     method = asmk_method.ASMKMethod(params, {}, codebook=cdb)
-    builder = method.create_ivf_builder()
+    recorder = RecordedQuantizer(cdb)
+    cdb.quantize = recorder.record
     build_quantize = MethodTimer(cdb, "quantize")
-    total_time = 0.0
-    n_images = 0
-    for descriptors, ids in chunks:
+    build_times, n_images = [], 0
+    for repeat in range(build_repeats):
+        # first build: its own quantize (faiss), aggregate, invert; later ones replay the words
+        builder = method.create_ivf_builder()
         start = time.perf_counter()
-        builder.add(descriptors, ids)  # its own quantize (faiss), aggregate, invert
-        total_time += time.perf_counter() - start
-        n_images = int(ids.max()) + 1
-    del cdb.quantize  # unwrap
-    quantize_time, rest_time = build_quantize.seconds, total_time - build_quantize.seconds
+        for descriptors, ids in chunks:
+            builder.add(descriptors, ids)
+            n_images = int(ids.max()) + 1
+        build_times.append(time.perf_counter() - start)
+        if repeat == 0:
+            quantize_time = build_quantize.seconds
+            del cdb.quantize  # unwrap the timer and the recorder
+            build_times[0] -= quantize_time
+            cdb.quantize = recorder.replay
+        recorder.rewind()
+    if "quantize" in vars(cdb):
+        del cdb.quantize
+    rest_time = statistics.median(build_times)
     method = method.add_ivf_builder(builder)
     timer = MethodTimer(cdb, "quantize")
     query_time, engine_time = timed_queries(
@@ -266,6 +302,9 @@ def main(argv=None) -> None:
     parser.add_argument("--reference-images", type=int, default=10000,
                         help="the reference indexes at most this many images (0: skip it)")
     parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--build-repeats", type=int, default=3,
+                        help="index builds from the same words per engine (after one "
+                             "quantization); the table gives the median")
     parser.add_argument("--distinct-images", type=int, default=0,
                         help="quantize only this many distinct images (once per codebook) and "
                              "repeat them under new ids up to --images (0: every image distinct)")
@@ -274,6 +313,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1k words, 500 images")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.build_repeats < 1:
+        parser.error("--build-repeats must be at least 1")
     if args.quick:
         args.codebooks, args.images, args.reference_images, args.queries = [1024], [500], 500, 5
     data = SyntheticData(seed=args.seed)
@@ -284,6 +325,7 @@ def main(argv=None) -> None:
         codebook = sample_codebook(data, patterns, size, args.train_codebook, args.seed)
         repeated = (RepeatedChunks(codebook, data, patterns, args.distinct_images)
                     if args.distinct_images else None)
+        reference_runs = {}  # images -> result: a row whose reference subset was run reuses it
         for n_images in args.images:
             n_reference = min(n_images, args.reference_images)
             reference_chunks = []
@@ -292,13 +334,13 @@ def main(argv=None) -> None:
                 # the reference indexes the descriptors of the first n_reference images
                 for descriptors, ids, words, seconds in chunks:
                     first = ids < n_reference
-                    if first.any():
+                    if first.any() and n_reference not in reference_runs:
                         reference_chunks.append((descriptors[first], ids[first]))
                     yield descriptors, ids, words, seconds
 
             source = (repeated.chunks(n_images) if repeated else
                       quantized_chunks(codebook, data, patterns, n_images))
-            ours = run_ours(codebook, keep_for_reference(source), queries)
+            ours = run_ours(codebook, keep_for_reference(source), queries, args.build_repeats)
             row = {"size": size, "ours": ours, "distinct": args.distinct_images}
             print(f"ours  K={size} images={n_images}: {ours['build']:.1f}s build, "
                   f"{ours['after_quantize']:.2f}s after quantize, {ours['query'] * 1e3:.2f} ms query "
@@ -306,10 +348,14 @@ def main(argv=None) -> None:
                   f"{ours['bytes_per_image']:.0f} B/image ({ours['index']})", flush=True)
             del ours["index"]
             if n_reference > 0:
-                ref = run_reference(codebook, reference_chunks, queries)
+                reused = n_reference in reference_runs
+                if not reused:
+                    reference_runs[n_reference] = run_reference(codebook, reference_chunks, queries,
+                                                                args.build_repeats)
                 del reference_chunks
-                row["ref"] = ref
-                print(f"ref   K={size} images={ref['images']}: {ref['build']:.1f}s build, "
+                ref = row["ref"] = reference_runs[n_reference]
+                print(f"ref   K={size} images={ref['images']}{' (same run as above)' if reused else ''}: "
+                      f"{ref['build']:.1f}s build, "
                       f"{ref['after_quantize']:.1f}s after quantize, {ref['query'] * 1e3:.1f} ms query "
                       f"({ref['query_engine'] * 1e3:.1f} ms without its quantization), "
                       f"{ref['bytes_per_image']:.0f} B/image", flush=True)
@@ -324,6 +370,9 @@ def main(argv=None) -> None:
           f"codebook: {'k-means' if args.train_codebook else 'sampled descriptors'}; "
           f"{data.per_image} descriptors/image, {data.dim}-d; queries: {args.queries}; "
           f"our compiled loops: {asmk_index.get_num_threads()} OpenMP thread(s) for index building")
+    print(f"build after quantization: median of {args.build_repeats} builds per engine from the "
+          "words of its first build (the reference's later builds replay its recorded quantize() "
+          "results)")
     print("'x per image': reference time scaled by (our images / its images) when it ran on a "
           "subset; query latency of the reference is measured on its (smaller) index.")
     print(format_table(rows))

@@ -222,6 +222,45 @@ def test_odd_dimension_codes(dataset):
     assert index._segments[0].codes.shape[1] == 1  # 40 bits in one uint64
 
 
+def brute_force_binary_scores(index: AsmkIndex, query: np.ndarray) -> dict:
+    """ASMK* scores (binary, idf off) straight from the definition: per image, the sum over the
+    words it shares with the query of sigma(1 - 2 hamming / D), over sqrt(n_query n_image)."""
+    words, codes = index._aggregate_query(query)
+    query_code = {int(w): code for w, code in zip(words, codes)}
+    table = index._selectivity
+    scores = {}
+    for segment in index._segments:
+        posting_words = segment.posting_words()
+        for position in range(segment.n_postings):
+            code = query_code.get(int(posting_words[position]))
+            if code is None:
+                continue
+            hamming = sum(bin(int(a) ^ int(b)).count("1") for a, b in zip(code, segment.codes[position]))
+            image_id = int(index._doc_ids[segment.docs[position]])
+            scores[image_id] = scores.get(image_id, 0.0) + table[hamming]
+    sizes = dict(zip(index._doc_ids.tolist(),
+                     np.concatenate([np.diff(s.fwd_offsets) for s in index._segments]).tolist()))
+    return {i: value / np.sqrt(sizes[i] * words.size) for i, value in scores.items()}
+
+
+@pytest.mark.parametrize("dim", [64, 128, 200])  # codes of 1, 2 (the specialised scan) and 4 words
+def test_binary_scan_equals_the_kernel_definition(dim):
+    descriptors, image, _ = clustered_images(40, 30, dim=dim, seed=dim)
+    codebook = Codebook.train(descriptors, 48, seed=2)
+    index = AsmkIndex(codebook)
+    for part in np.array_split(np.arange(40), 3):  # three segments
+        rows = np.isin(image, part)
+        index.add(descriptors[rows], 500 + image[rows])
+    query = perturbed(descriptors[image == 11], seed=dim, scale=0.05)
+    expected = brute_force_binary_scores(index, query)
+    ids, scores = index.search(query, len(index))
+    found = dict(zip(ids.tolist(), scores.tolist()))
+    assert ids[0] == 511 and len(expected) > 5
+    for image_id in found:
+        assert found[image_id] == pytest.approx(expected.get(image_id, 0.0), rel=1e-12, abs=1e-15)
+    assert index.score(query, ids).tolist() == scores.tolist()
+
+
 @pytest.mark.parametrize("use_idf,binary", [(False, True), (True, True), (True, False)])
 def test_save_load_round_trip(tmp_path, dataset, use_idf, binary):
     codebook, descriptors, ids = dataset

@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Compiled ASMK* hot loops: stable counting / per-image radix sorts, residual aggregation (with a
-finiteness probe), inverted-file scans, k-nearest-centroid ranking.
+finiteness probe), inverted-file scans, k-nearest-centroid ranking, and the exact nearest-centroid
+search with a bfloat16 (AMX) prefilter of ``_nearest_bf16.c``.
 
 Everything works on plain C-contiguous arrays and releases the GIL. Index building (grouping and
 aggregation) shares images among OpenMP threads when built with OpenMP; results never depend on
@@ -9,7 +10,7 @@ uint64 words (``W = ceil(D / 64)``; dimension ``j`` is bit ``63 - j % 64`` of wo
 unused tail bits are 0). Scores are accumulated per query word in ascending word order, so the
 full scan and the per-image forward-index scoring add the very same terms in the very same order.
 """
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.math cimport sqrt
 from libc.string cimport memcpy
 from cython.parallel cimport prange
@@ -477,6 +478,21 @@ cdef extern from *:
                           const int64_t *local_docs, int64_t nc, double alpha, double threshold,
                           double *out) nogil
 
+cdef extern from "_nearest_bf16.h":
+    ctypedef struct asmk_bf16_stats:
+        double max_rounding_norm
+        double max_rounded_norm
+        double max_squared_norm
+    int ASMK_BF16_CENTROID_ALIGN
+    int ASMK_BF16_STEP
+    int asmk_bf16_amx_usable() nogil
+    void asmk_bf16_pack_centroids(const float *centroids, int64_t K, int64_t D, uint16_t *packed,
+                                  float *half_norms, asmk_bf16_stats *stats) nogil
+    int asmk_bf16_nearest(const float *descriptors, int64_t n, const float *centroids, int64_t K,
+                          int64_t D, const uint16_t *packed, const float *half_norms,
+                          const asmk_bf16_stats *stats, int64_t k, int use_amx, int threads,
+                          int64_t *out, int64_t *n_exact_rows, int64_t *n_candidates) nogil
+
 import numpy as np
 
 cdef bint _HAS_POPCNT = asmk_cpu_has_popcnt() != 0
@@ -870,3 +886,79 @@ def merge_postings(const int64_t[::1] first_offsets, const unsigned char[:, ::1]
         if count > 0:
             _copy_run(&out_rows[second_pos, 0], &second_rows[start, 0], count, width,
                       &second_position[start], second_pos)
+
+
+# proximities (descriptors x centroids) per OpenMP thread, at least, in the bfloat16-prefiltered
+# nearest-centroid search (about 0.5 ms of one core's work), and descriptors per work unit
+cdef int64_t BF16_WORK_PER_THREAD = 1 << 20
+cdef int64_t BF16_ROWS_PER_UNIT = 64
+
+
+def bf16_amx_usable():
+    """Whether the bfloat16 prefilter can run on AMX tiles here (built with the AMX kernel, a CPU
+    with AMX-BF16, and the OS granted this process the tile state)."""
+    return asmk_bf16_amx_usable() != 0
+
+
+def bf16_pack_centroids(const float[:, ::1] centroids):
+    """Pack (K, D) float32 centroids for :func:`bf16_nearest`.
+
+    Returns (packed, half_norms, stats): packed (Kp * Dp,) uint16 bfloat16 tiles, half_norms (Kp,)
+    float32 ``-|c|^2 / 2`` (NaN padding), stats (max |c - bf16(c)|, max |bf16(c)|, max |c|^2);
+    Kp = K rounded up to 32, Dp = D rounded up to 32.
+    """
+    cdef int64_t K = centroids.shape[0], D = centroids.shape[1]
+    if K < 1 or D < 1:
+        raise ValueError("bf16_pack_centroids: need at least one centroid and one dimension")
+    cdef int64_t Kp = (K + ASMK_BF16_CENTROID_ALIGN - 1) // ASMK_BF16_CENTROID_ALIGN * ASMK_BF16_CENTROID_ALIGN
+    cdef int64_t Dp = (D + ASMK_BF16_STEP - 1) // ASMK_BF16_STEP * ASMK_BF16_STEP
+    packed_array = np.empty(Kp * Dp, dtype=np.uint16)
+    norms_array = np.empty(Kp, dtype=np.float32)
+    cdef uint16_t[::1] packed = packed_array
+    cdef float[::1] norms = norms_array
+    cdef asmk_bf16_stats stats
+    with nogil:
+        asmk_bf16_pack_centroids(&centroids[0, 0], K, D, &packed[0], &norms[0], &stats)
+    return packed_array, norms_array, (stats.max_rounding_norm, stats.max_rounded_norm,
+                                       stats.max_squared_norm)
+
+
+def bf16_nearest(const float[:, ::1] descriptors, const float[:, ::1] centroids,
+                 const uint16_t[::1] packed, const float[::1] half_norms, tuple stats,
+                 int64_t k, bint use_amx):
+    """Exact k nearest centroids (squared L2, ties to the lower id) of (N, D) float32 descriptors,
+    prefiltered in bfloat16 (``use_amx``: AMX tiles, else the portable loop; same result).
+
+    packed, half_norms, stats: from :func:`bf16_pack_centroids` of ``centroids`` (K, D).
+    Returns (ids (N, k) int64 nearest first, rows ranked over every centroid, candidates ranked
+    exactly over the other rows).
+    """
+    cdef int64_t n = descriptors.shape[0], D = descriptors.shape[1], K = centroids.shape[0]
+    cdef int64_t Kp = (K + ASMK_BF16_CENTROID_ALIGN - 1) // ASMK_BF16_CENTROID_ALIGN * ASMK_BF16_CENTROID_ALIGN
+    cdef int64_t Dp = (D + ASMK_BF16_STEP - 1) // ASMK_BF16_STEP * ASMK_BF16_STEP
+    if centroids.shape[1] != D:
+        raise ValueError(f"bf16_nearest: descriptors have {D} dimensions, centroids "
+                         f"{centroids.shape[1]}")
+    if packed.shape[0] != Kp * Dp or half_norms.shape[0] != Kp or len(stats) != 3:
+        raise ValueError("bf16_nearest: packed centroids do not match the centroids")
+    if not 1 <= k <= K:
+        raise ValueError(f"k must be in [1, {K}], got {k}")
+    out_array = np.empty((n, k), dtype=np.int64)
+    if n == 0:
+        return out_array, 0, 0
+    cdef int64_t[:, ::1] out = out_array
+    cdef asmk_bf16_stats c_stats
+    c_stats.max_rounding_norm, c_stats.max_rounded_norm, c_stats.max_squared_norm = stats
+    cdef int threads = omp_threads(n * Kp, BF16_WORK_PER_THREAD)
+    threads = min(threads, (n + BF16_ROWS_PER_UNIT - 1) // BF16_ROWS_PER_UNIT)
+    cdef int64_t exact_rows = 0, candidates = 0
+    cdef int status
+    with nogil:
+        status = asmk_bf16_nearest(&descriptors[0, 0], n, &centroids[0, 0], K, D, &packed[0],
+                                   &half_norms[0], &c_stats, k, use_amx, threads, &out[0, 0],
+                                   &exact_rows, &candidates)
+    if status == -2:
+        raise RuntimeError("bf16_nearest: AMX is not usable on this machine (bf16_amx_usable())")
+    if status != 0:
+        raise MemoryError("bf16_nearest: out of memory for the per-thread workspaces")
+    return out_array, exact_rows, candidates

@@ -1,11 +1,18 @@
 """Visual-word codebook: faiss k-means training and exact nearest-centroid quantization.
 
-Quantization is exact by default. On a GPU (when faiss sees one) it is a faiss flat index. On the
-CPU, batches with one word per descriptor (index building) use faiss ``IndexFlatL2`` too; a query's
-multiple assignment, and small batches, use :func:`nearest_centroids` (BLAS inner products and a
-compiled k-smallest pass), 2-4x (4096 words) to 5-10x (65536 words) faster than faiss there, where
-faiss keeps a heap per descriptor. Both give the same words up to float32 rounding of near-ties
-(1 descriptor in 300k differed). An HNSW quantizer is optional.
+Quantization is exact by default, by one of these paths (:attr:`Codebook.quantizer` says which):
+
+- ``"faiss-gpu"``: a faiss flat index on the GPU, when faiss sees one;
+- ``"amx-bf16"``: on CPUs with AMX (Intel Sapphire Rapids and later), :func:`nearest_centroids_bf16`:
+  bfloat16 tile products with a proven error bound pick the few centroids that can be among the k
+  nearest, whose exact distances (double precision) then decide; ties go to the lower id;
+- ``"blas"``: elsewhere, :func:`nearest_centroids` (numpy BLAS blocks and a compiled k-smallest
+  pass) for a query's multiple assignment and small batches, 2-4x (4096 words) to 5-10x (65536
+  words) faster than faiss there, and faiss ``IndexFlatL2`` for large single-assignment batches;
+- ``"hnsw"``: an approximate faiss HNSW index, on request.
+
+The exact paths agree up to float32 rounding of near-ties in the BLAS and faiss products (1
+descriptor in 300k differed).
 """
 from __future__ import annotations
 
@@ -32,6 +39,11 @@ FAISS_SEARCH_BATCH = 1 << 18  # descriptors per faiss search call
 # speed after it, but 1.5-2x slower after numpy's BLAS product, whose idle OpenBLAS threads keep
 # spinning for a while (2 cores; OPENBLAS_THREAD_TIMEOUT=4 removed that effect)
 FAISS_MIN_ROWS = 4096
+# the bfloat16 prefilter keeps each row's k best in a sorted list: above this many words per
+# descriptor, the BLAS path ranks instead
+BF16_MAX_ASSIGNMENT = 64
+# what Codebook.use_quantizer accepts: "auto" picks faiss-gpu, else amx-bf16, else blas
+QUANTIZER_CHOICES = ("auto", "amx-bf16", "blas", "hnsw")
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,49 @@ def _flat_l2_index(centroids: np.ndarray):
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(centroids)
     return index
+
+
+def amx_usable() -> bool:
+    """Whether this machine runs the AMX bfloat16 prefilter (CPU, OS and build allow it)."""
+    return _kernels.bf16_amx_usable()
+
+
+@dataclass(frozen=True)
+class Bf16Centroids:
+    """Centroids packed for :func:`nearest_centroids_bf16` (bfloat16 tiles, half squared norms,
+    and the rounding statistics the error bound needs)."""
+
+    centroids: np.ndarray   # (K, D) float32, the exact values the final ranking uses
+    packed: np.ndarray      # (Kp * Dp,) uint16 bfloat16 tiles (K, D rounded up to 32)
+    half_norms: np.ndarray  # (Kp,) float32, -|c|^2 / 2 (NaN for the padding)
+    stats: tuple            # (max |c - bf16(c)|, max |bf16(c)|, max |c|^2)
+
+    @classmethod
+    def pack(cls, centroids: np.ndarray) -> "Bf16Centroids":
+        centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        packed, half_norms, stats = _kernels.bf16_pack_centroids(centroids)
+        return cls(centroids, packed, half_norms, stats)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.packed.nbytes + self.half_norms.nbytes)
+
+
+def nearest_centroids_bf16(descriptors: np.ndarray, centroids: Bf16Centroids, k: int, *,
+                           use_amx: bool = True) -> np.ndarray:
+    """Exact k nearest centroids (squared L2) of every descriptor, nearest first, ties to the
+    lower id: (N, D) float32 C-contiguous descriptors -> (N, k) int64.
+
+    Every centroid's proximity is first computed from bfloat16 copies, on AMX tiles
+    (``use_amx``; see :func:`amx_usable`) or by a portable loop (slow; the same result); a proven
+    bound on that rounding leaves the few centroids that can be among the k nearest, and their
+    distances in double precision decide. So the words are the exact ones, whatever the
+    prefilter's rounding (see ``_nearest_bf16.h``).
+    """
+    words, _, _ = _kernels.bf16_nearest(descriptors, centroids.centroids, centroids.packed,
+                                        centroids.half_norms, centroids.stats, int(k),
+                                        bool(use_amx))
+    return words
 
 
 def squared_norms(rows: np.ndarray) -> np.ndarray:
@@ -100,17 +155,40 @@ class Codebook:
         self._centroids.setflags(write=False)
         self._search_index = None
         self._hash = None
-        self._approximate = None
+        self._choice = "auto"
+        self._hnsw = None
         self._norms = None
+        self._bf16 = None
+
+    def use_quantizer(self, kind: str = "auto", *, neighbors: int = 32,
+                      ef_search: int = 128) -> None:
+        """Choose the quantization path (see the module docstring): ``"auto"`` (the default:
+        faiss-gpu, else amx-bf16, else blas), ``"amx-bf16"`` (ValueError where AMX is not usable),
+        ``"blas"``, or the approximate ``"hnsw"`` (faiss IndexHNSWFlat with ``neighbors`` links
+        and ``ef_search``) for very large codebooks."""
+        if kind not in QUANTIZER_CHOICES:
+            raise ValueError(f"unknown quantizer {kind!r}; expected one of {QUANTIZER_CHOICES}")
+        if kind == "amx-bf16" and not amx_usable():
+            raise ValueError("quantizer 'amx-bf16' needs a CPU with AMX-BF16, an OS that grants "
+                             "the tile state, and kernels built with the AMX kernel")
+        self._choice = kind
+        self._hnsw = (int(neighbors), int(ef_search)) if kind == "hnsw" else None
+        self._search_index = None
 
     def use_approximate_quantizer(self, kind: str | None = "hnsw", *, neighbors: int = 32,
                                   ef_search: int = 128) -> None:
-        """Opt in to approximate quantization (``"hnsw"``: faiss IndexHNSWFlat, CPU) for very
-        large codebooks; ``None`` returns to exact search (the default, the reference's)."""
+        """``"hnsw"``: :meth:`use_quantizer` ("hnsw"); ``None``: back to exact search ("auto")."""
         if kind not in (None, "hnsw"):
             raise ValueError(f"unknown quantizer {kind!r}; expected None or 'hnsw'")
-        self._approximate = None if kind is None else (kind, int(neighbors), int(ef_search))
-        self._search_index = None
+        self.use_quantizer("auto" if kind is None else kind, neighbors=neighbors,
+                           ef_search=ef_search)
+
+    @property
+    def quantizer(self) -> str:
+        """The path quantize() takes: "faiss-gpu", "amx-bf16", "blas" or "hnsw"."""
+        if self._choice == "auto":
+            return "faiss-gpu" if _use_gpu() else "amx-bf16" if amx_usable() else "blas"
+        return self._choice
 
     # construction -------------------------------------------------------------------------
     @classmethod
@@ -179,7 +257,12 @@ class Codebook:
             raise ValueError(f"multiple_assignment must be in [1, {self.size}] for a codebook of "
                              f"{self.size} words, got {multiple_assignment}")
         descriptors = check_descriptors(descriptors, dim=self.dim, allow_empty=True)
-        if self._approximate is None and not _use_gpu() and (
+        path = self.quantizer
+        if path == "amx-bf16" and multiple_assignment <= BF16_MAX_ASSIGNMENT:
+            if self._bf16 is None:
+                self._bf16 = Bf16Centroids.pack(self._centroids)
+            return nearest_centroids_bf16(descriptors, self._bf16, multiple_assignment)
+        if path in ("amx-bf16", "blas") and (
                 multiple_assignment > 1 or descriptors.shape[0] < FAISS_MIN_ROWS):
             return nearest_centroids(descriptors, self._centroids, multiple_assignment,
                                      centroid_norms=self._centroid_norms())
@@ -200,9 +283,9 @@ class Codebook:
         return self._norms
 
     def _build_search_index(self):
-        if self._approximate is None:
+        if self._hnsw is None:
             return _flat_l2_index(self._centroids)
-        _, neighbors, ef_search = self._approximate
+        neighbors, ef_search = self._hnsw
         index = faiss.IndexHNSWFlat(self.dim, neighbors)
         index.hnsw.efConstruction = max(40, ef_search)
         index.add(self._centroids)

@@ -1,9 +1,9 @@
 """Benchmark: our ASMK* engine (asmk_index) against the reference ``asmk`` package (0.1.1).
 
 Both get the same synthetic clustered 128-d descriptors (generated in chunks from a seed) and the
-same centroids, and each quantizes them with its own exact search (ours: Codebook.quantize, i.e.
-faiss IndexFlatL2 for building and BLAS blocks with a compiled ranking for a query's multiple
-assignment; the reference: faiss IndexFlatL2 for both). Per configuration (codebook size x number of
+same centroids, and each quantizes them with its own exact search (ours: Codebook.quantize by the
+path --quantizers names, "auto" being AMX bfloat16 tiles with exact re-ranking where the CPU has
+AMX and BLAS blocks / faiss IndexFlatL2 elsewhere; the reference: faiss IndexFlatL2). Per configuration (codebook size x number of
 images) it prints build time (quantize + aggregate + invert, and the part after quantization:
 the median of --build-repeats builds from the words of one quantization, for both engines),
 median query latency (full search, and without the query's own quantization; ours also score() of
@@ -17,6 +17,7 @@ the first N images, which the table states (rows are never extrapolated).
         --reference-images 10000
     .venv/bin/python benchmarks/asmk_vs_reference.py --codebooks 4096 --images 10000 100000 \\
         --distinct-images 10000 --reference-images 10000   # 100k = the 10k quantized once, x10
+    .venv/bin/python benchmarks/asmk_vs_reference.py --quantizers auto blas ...  # with and without AMX
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import asmk_index  # noqa: E402
 from asmk_index.asmk import AsmkIndex  # noqa: E402
+from asmk_index import codebook as codebook_module  # noqa: E402
 from asmk_index.codebook import Codebook  # noqa: E402
 
 
@@ -256,19 +258,19 @@ def run_reference(codebook, chunks, queries, build_repeats: int):
 
 
 def format_table(rows) -> str:
-    header = ("| codebook | images ours / ref | build quantization s ours / ref "
+    header = ("| codebook | our quantizer | images ours / ref | build quantization s ours / ref "
               "| ASMK* build after quantization s ours / ref (x) "
               "| build incl. quantization s ours / ref (x) "
               "| query ms ours / ref (x) | query without its quantization ms ours / ref (x) "
               "| score(100) ms ours | bytes/image ours / ref (x) |")
-    lines = [header, "|" + "---|" * 9]
+    lines = [header, "|" + "---|" * 10]
     for row in rows:
         ours, ref = row["ours"], row.get("ref")
         distinct = row.get("distinct")
         images = f"{ours['images']}" + (f" ({distinct} distinct x{ours['images'] // distinct})"
                                         if distinct and distinct < ours["images"] else "")
         if ref is None:
-            lines.append(f"| {row['size']} | {images} / not run | {ours['quantize']:.1f} / - | "
+            lines.append(f"| {row['size']} | {row['quantizer']} | {images} / not run | {ours['quantize']:.1f} / - | "
                          f"{ours['after_quantize']:.2f} / - | {ours['build']:.1f} / - | "
                          f"{ours['query'] * 1e3:.2f} / - | {ours['query_engine'] * 1e3:.2f} / - | "
                          f"{ours['score100'] * 1e3:.2f} | {ours['bytes_per_image']:.0f} / - |")
@@ -278,7 +280,7 @@ def format_table(rows) -> str:
         per_image = " per image" if scale != 1 else ""
         engine_ours, engine_ref = ours["query_engine"], ref["query_engine"]
         lines.append(
-            f"| {row['size']} | {images} / {ref['images']}{' (subset)' if scale > 1 else ''} | "
+            f"| {row['size']} | {row['quantizer']} | {images} / {ref['images']}{' (subset)' if scale > 1 else ''} | "
             f"{ours['quantize']:.1f} / {ref['quantize']:.1f} | "
             f"{ours['after_quantize']:.2f} / {ref['after_quantize']:.1f} "
             f"({ref['after_quantize'] * scale / max(ours['after_quantize'], 1e-9):.0f}x{per_image}) | "
@@ -310,6 +312,9 @@ def main(argv=None) -> None:
                              "repeat them under new ids up to --images (0: every image distinct)")
     parser.add_argument("--train-codebook", action="store_true",
                         help="k-means codebook (slow on 2 cores); default: sampled descriptors")
+    parser.add_argument("--quantizers", nargs="+", default=["auto"],
+                        choices=list(codebook_module.QUANTIZER_CHOICES),
+                        help="our quantization path(s), each run in turn (see Codebook.use_quantizer)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1k words, 500 images")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -321,49 +326,55 @@ def main(argv=None) -> None:
     patterns = data.patterns()
     queries = make_queries(data, patterns, args.queries, args.seed)
     rows = []
-    for size in args.codebooks:
+    reference_runs = {}  # (words, images) -> result: a row whose reference subset was run reuses it
+    for size, quantizer in [(size, quantizer) for size in args.codebooks
+                            for quantizer in args.quantizers]:
         codebook = sample_codebook(data, patterns, size, args.train_codebook, args.seed)
+        codebook.use_quantizer(quantizer)
         repeated = (RepeatedChunks(codebook, data, patterns, args.distinct_images)
                     if args.distinct_images else None)
-        reference_runs = {}  # images -> result: a row whose reference subset was run reuses it
         for n_images in args.images:
             n_reference = min(n_images, args.reference_images)
             reference_chunks = []
+            run_reference_here = n_reference > 0 and (size, n_reference) not in reference_runs
 
             def keep_for_reference(chunks):
                 # the reference indexes the descriptors of the first n_reference images
                 for descriptors, ids, words, seconds in chunks:
                     first = ids < n_reference
-                    if first.any() and n_reference not in reference_runs:
+                    if first.any() and run_reference_here:
                         reference_chunks.append((descriptors[first], ids[first]))
                     yield descriptors, ids, words, seconds
 
             source = (repeated.chunks(n_images) if repeated else
                       quantized_chunks(codebook, data, patterns, n_images))
             ours = run_ours(codebook, keep_for_reference(source), queries, args.build_repeats)
-            row = {"size": size, "ours": ours, "distinct": args.distinct_images}
-            print(f"ours  K={size} images={n_images}: {ours['build']:.1f}s build, "
+            row = {"size": size, "quantizer": codebook.quantizer, "ours": ours,
+                   "distinct": args.distinct_images}
+            print(f"ours  K={size} ({codebook.quantizer}) images={n_images}: "
+                  f"{ours['build']:.1f}s build, "
                   f"{ours['after_quantize']:.2f}s after quantize, {ours['query'] * 1e3:.2f} ms query "
                   f"({ours['query_engine'] * 1e3:.2f} ms without its quantization), "
                   f"{ours['bytes_per_image']:.0f} B/image ({ours['index']})", flush=True)
             del ours["index"]
             if n_reference > 0:
-                reused = n_reference in reference_runs
-                if not reused:
-                    reference_runs[n_reference] = run_reference(codebook, reference_chunks, queries,
-                                                                args.build_repeats)
+                if run_reference_here:
+                    reference_runs[size, n_reference] = run_reference(
+                        codebook, reference_chunks, queries, args.build_repeats)
                 del reference_chunks
-                ref = row["ref"] = reference_runs[n_reference]
-                print(f"ref   K={size} images={ref['images']}{' (same run as above)' if reused else ''}: "
+                ref = row["ref"] = reference_runs[size, n_reference]
+                print(f"ref   K={size} images={ref['images']}"
+                      f"{'' if run_reference_here else ' (same run as above)'}: "
                       f"{ref['build']:.1f}s build, "
                       f"{ref['after_quantize']:.1f}s after quantize, {ref['query'] * 1e3:.1f} ms query "
                       f"({ref['query_engine'] * 1e3:.1f} ms without its quantization), "
                       f"{ref['bytes_per_image']:.0f} B/image", flush=True)
             rows.append(row)
     print()
-    print("quantizers, both exact: ours (Codebook.quantize: faiss IndexFlatL2 for building, BLAS "
-          "blocks + compiled k-smallest ranking for queries) and the reference's (faiss "
-          "IndexFlatL2 search), each timed inside its own build and query; "
+    print("quantizers, all exact: ours (Codebook.quantize; amx-bf16: AMX bfloat16 tile products "
+          "with a proven error bound, then exact re-ranking of the few candidates; blas: faiss "
+          "IndexFlatL2 for building, BLAS blocks + compiled k-smallest ranking for queries) and the "
+          "reference's (faiss IndexFlatL2 search), each timed inside its own build and query; "
           + (f"images beyond {args.distinct_images} are copies of the first {args.distinct_images} "
              "under new ids (quantized once: our quantize column is for the distinct images); "
              if args.distinct_images else "") +

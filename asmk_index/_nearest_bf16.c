@@ -1,0 +1,619 @@
+/* Exact k-nearest centroids with a bfloat16 prefilter: see _nearest_bf16.h for the method and
+   the bound. The AMX kernel needs ASMK_HAVE_AMX at build time (setup.py defines it when the
+   compiler knows the AMX intrinsics) and a CPU and OS that allow it at run time. */
+#include "_nearest_bf16.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(ASMK_HAVE_AMX) && defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define ASMK_AMX_BUILD 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ASMK_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f")))
+#else
+#define ASMK_AMX_BUILD 0
+#endif
+
+/* descriptor rows per block: their bfloat16 copies (64 x 128 x 2 bytes) stay in L1 while every
+   centroid pair streams past (2 cores: 1.0 us per row against 1.4 us with 32 rows, 4096 words) */
+#define ROWS_PER_BLOCK 64
+/* the AMX path holds the approximate proximities of a block's rows to this many centroids at
+   once (64 x 4096 floats, 1 MiB, within L2) and scans them in two passes */
+#define CHUNK_CENTROIDS 4096
+/* floats between two rows of that buffer: a row plus one cache line, so the 16 rows of a tile
+   store do not all fall in the same L1 set */
+#define CHUNK_STRIDE (CHUNK_CENTROIDS + 16)
+/* candidates kept per row before a compaction; a row still over half full after one is ranked
+   exactly over all centroids */
+#define CANDIDATE_CAPACITY 128
+#define UNIT_ROUNDOFF (1.0 / 16777216.0) /* float32: 2^-24 */
+/* rows whose proximities could come near float32's largest value (3.4e38) are ranked exactly */
+#define OVERFLOW_GUARD 1e37
+#define TILE_ELEMENTS (ASMK_BF16_GROUP * ASMK_BF16_STEP) /* bfloat16 per packed tile */
+
+static inline int64_t round_up(int64_t value, int64_t step) { return (value + step - 1) / step * step; }
+
+/* float32 -> bfloat16, round to nearest even (finite input; huge values may become inf). */
+static inline uint16_t float_to_bf16(float value)
+{
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float bf16_to_float(uint16_t value)
+{
+    uint32_t bits = (uint32_t)value << 16;
+    float result;
+    memcpy(&result, &bits, sizeof result);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* packing                                                                                      */
+
+void asmk_bf16_pack_centroids(const float *centroids, int64_t K, int64_t D, uint16_t *packed,
+                              float *half_norms, asmk_bf16_stats *stats)
+{
+    const int64_t Kp = round_up(K, ASMK_BF16_CENTROID_ALIGN), Dp = round_up(D, ASMK_BF16_STEP);
+    const int64_t steps = Dp / ASMK_BF16_STEP;
+    double max_rounding = 0.0, max_rounded = 0.0, max_squared = 0.0;
+    memset(packed, 0, (size_t)(Kp * Dp) * sizeof(uint16_t));
+    for (int64_t c = 0; c < K; c++) {
+        const float *row = centroids + c * D;
+        const int64_t group = c / ASMK_BF16_GROUP, column = c % ASMK_BF16_GROUP;
+        double squared = 0.0, rounding = 0.0, rounded = 0.0;
+        for (int64_t d = 0; d < D; d++) {
+            const uint16_t value = float_to_bf16(row[d]);
+            const double exact = row[d], approximate = bf16_to_float(value);
+            const int64_t step = d / ASMK_BF16_STEP, pair = (d % ASMK_BF16_STEP) / 2;
+            packed[((group * steps + step) * ASMK_BF16_GROUP + pair) * 2 * ASMK_BF16_GROUP
+                   + column * 2 + d % 2] = value;
+            squared += exact * exact;
+            rounding += (exact - approximate) * (exact - approximate);
+            rounded += approximate * approximate;
+        }
+        half_norms[c] = (float)(-0.5 * squared);
+        if (!(squared <= max_squared)) max_squared = squared;      /* NaN/inf propagate */
+        if (!(rounding <= max_rounding)) max_rounding = rounding;
+        if (!(rounded <= max_rounded)) max_rounded = rounded;
+    }
+    for (int64_t c = K; c < Kp; c++) half_norms[c] = NAN; /* padding: never a candidate */
+    stats->max_rounding_norm = sqrt(max_rounding);
+    stats->max_rounded_norm = sqrt(max_rounded);
+    stats->max_squared_norm = max_squared;
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* per-row candidate bookkeeping                                                                */
+
+typedef struct {
+    float threshold; /* a centroid is a candidate when its p^ >= threshold (+inf: none) */
+    float window;    /* 2 E(x) */
+    int32_t count;   /* candidates kept */
+    int32_t exact;   /* 1: rank this row exactly over every centroid */
+} row_state;
+
+typedef struct {
+    uint16_t *rows;          /* ROWS_PER_BLOCK x Dp bfloat16 descriptors */
+    float *block;            /* ROWS_PER_BLOCK x CHUNK_STRIDE approximate proximities (AMX), or
+                                32 x 32 (portable) */
+    float *lane_best;        /* ROWS_PER_BLOCK x 16: per row and lane, the largest p^ so far */
+    float *block_best;       /* ROWS_PER_BLOCK x CHUNK_CENTROIDS / 32: per row, each centroid
+                                pair's largest p^ (AMX) */
+    row_state *state;        /* ROWS_PER_BLOCK */
+    float *best;             /* ROWS_PER_BLOCK x k largest p^ so far, descending */
+    float *candidate_value;  /* ROWS_PER_BLOCK x CANDIDATE_CAPACITY */
+    int64_t *candidate_id;
+    double *rank_distance;   /* k: the exact ranking's scratch */
+    int64_t *rank_id;
+} workspace;
+
+static void workspace_free(workspace *w)
+{
+    if (w == NULL) return;
+    free(w->rows); free(w->block); free(w->lane_best); free(w->block_best); free(w->state); free(w->best); free(w->candidate_value);
+    free(w->candidate_id); free(w->rank_distance); free(w->rank_id);
+    free(w);
+}
+
+static void *aligned(size_t bytes)
+{
+    void *memory = NULL;
+    if (posix_memalign(&memory, 64, (size_t)round_up((int64_t)bytes, 64)) != 0) return NULL;
+    return memory;
+}
+
+static workspace *workspace_new(int64_t Dp, int64_t k, int use_amx)
+{
+    workspace *w = calloc(1, sizeof(workspace));
+    if (w == NULL) return NULL;
+    w->rows = aligned((size_t)(ROWS_PER_BLOCK * Dp) * sizeof(uint16_t));
+    w->block = aligned((use_amx ? ROWS_PER_BLOCK * CHUNK_STRIDE : 32 * 32) * sizeof(float));
+    w->lane_best = aligned(ROWS_PER_BLOCK * 16 * sizeof(float));
+    w->block_best = aligned(ROWS_PER_BLOCK * (CHUNK_CENTROIDS / 32) * sizeof(float));
+    w->state = malloc(ROWS_PER_BLOCK * sizeof(row_state));
+    w->best = malloc((size_t)(ROWS_PER_BLOCK * k) * sizeof(float));
+    w->candidate_value = malloc(ROWS_PER_BLOCK * CANDIDATE_CAPACITY * sizeof(float));
+    w->candidate_id = malloc(ROWS_PER_BLOCK * CANDIDATE_CAPACITY * sizeof(int64_t));
+    w->rank_distance = malloc((size_t)k * sizeof(double));
+    w->rank_id = malloc((size_t)k * sizeof(int64_t));
+    if (!w->rows || !w->block || !w->lane_best || !w->block_best || !w->state || !w->best || !w->candidate_value ||
+        !w->candidate_id || !w->rank_distance || !w->rank_id) {
+        workspace_free(w);
+        return NULL;
+    }
+    return w;
+}
+
+/* Keep a candidate (compacting the row's list when full; a row still over half full after a
+   compaction is ranked exactly over every centroid instead). */
+static inline __attribute__((always_inline)) void keep_candidate(row_state *state, float *values, int64_t *ids, float value, int64_t id)
+{
+    if (state->count == CANDIDATE_CAPACITY) {
+        int32_t kept = 0;
+        for (int32_t i = 0; i < state->count; i++) {
+            if (values[i] >= state->threshold) {
+                values[kept] = values[i];
+                ids[kept] = ids[i];
+                kept++;
+            }
+        }
+        state->count = kept;
+        if (kept > CANDIDATE_CAPACITY / 2) {
+            state->exact = 1;
+            state->threshold = INFINITY;
+            return;
+        }
+    }
+    values[state->count] = value;
+    ids[state->count] = id;
+    state->count++;
+}
+
+/* Some of a row's 32 approximate proximities (bits of `hits`) reached its threshold: first raise
+   the row's k largest with all of them (and so the threshold), then keep those still reaching
+   it, so that a chunk that moves the threshold far adds no stale candidates. Inlined into each
+   caller, so that the AMX path runs it as AVX-512 code: called from there as a plain x86-64
+   function, with the vector registers' upper halves in use, the whole search ran 1.7x slower. */
+static inline __attribute__((always_inline)) void record_hits(row_state *state, float *best, float *values, int64_t *ids, int64_t k,
+                        const float *chunk, uint32_t hits, int64_t first_centroid)
+{
+    if (state->exact) return;
+    for (uint32_t rest = hits; rest != 0; rest &= rest - 1) {
+        const float value = chunk[__builtin_ctz(rest)];
+        if (value > best[k - 1]) {
+            int64_t at = k - 1;
+            while (at > 0 && best[at - 1] < value) {
+                best[at] = best[at - 1];
+                at--;
+            }
+            best[at] = value;
+        }
+    }
+    if (best[k - 1] - state->window > state->threshold)
+        state->threshold = best[k - 1] - state->window;
+    for (uint32_t rest = hits; rest != 0 && !state->exact; rest &= rest - 1) {
+        const int j = __builtin_ctz(rest);
+        if (chunk[j] >= state->threshold)
+            keep_candidate(state, values, ids, chunk[j], first_centroid + j);
+    }
+}
+
+/* Exact squared distance in double precision: float32 differences are exact in double; eight
+   running sums in a fixed order (the same in every build of this file, no FMA contraction on
+   the x86-64 baseline this function is compiled for). */
+static double exact_squared_distance(const float *x, const float *c, int64_t D)
+{
+    double sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+        for (int lane = 0; lane < 8; lane++) {
+            const double difference = (double)x[d + lane] - (double)c[d + lane];
+            sums[lane] += difference * difference;
+        }
+    }
+    for (; d < D; d++) {
+        const double difference = (double)x[d] - (double)c[d];
+        sums[d % 8] += difference * difference;
+    }
+    return ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
+}
+
+/* The k nearest of the given centroids (ids, or all K when ids is NULL) by exact distance,
+   ties to the lower id, into out (k). */
+static void rank_exactly(const float *x, const float *centroids, int64_t D, const int64_t *ids,
+                         int64_t count, int64_t k, double *distance, int64_t *rank, int64_t *out)
+{
+    for (int64_t i = 0; i < k; i++) {
+        distance[i] = INFINITY;
+        rank[i] = -1;
+    }
+    for (int64_t i = 0; i < count; i++) {
+        const int64_t id = ids != NULL ? ids[i] : i;
+        const double value = exact_squared_distance(x, centroids + id * D, D);
+        if (rank[k - 1] >= 0 && (value > distance[k - 1] ||
+                                 (value == distance[k - 1] && id > rank[k - 1])))
+            continue;
+        int64_t at = k - 1;
+        while (at > 0 && (rank[at - 1] < 0 || value < distance[at - 1] ||
+                          (value == distance[at - 1] && id < rank[at - 1]))) {
+            distance[at] = distance[at - 1];
+            rank[at] = rank[at - 1];
+            at--;
+        }
+        distance[at] = value;
+        rank[at] = id;
+    }
+    memcpy(out, rank, (size_t)k * sizeof(int64_t));
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* the two kernels of one 32 x 32 block of approximate proximities                              */
+
+/* block[i][j] = -|c_j|^2 / 2 + sum_d x^_i[d] c^_j[d] for 32 rows and the centroid pair's 32
+   columns, summed in the order the loops give (the bound holds for any order). */
+static void proximities_portable(const uint16_t *rows, int64_t Dp, const uint16_t *pair,
+                                 int64_t steps, const float *half_norms, float *block)
+{
+    for (int64_t i = 0; i < 32; i++) {
+        for (int64_t j = 0; j < 32; j++) {
+            const uint16_t *tiles = pair + (j / ASMK_BF16_GROUP) * steps * TILE_ELEMENTS;
+            const int64_t column = j % ASMK_BF16_GROUP;
+            float sum = 0.0f;
+            for (int64_t d = 0; d < Dp; d++) {
+                const uint16_t c = tiles[(d / ASMK_BF16_STEP) * TILE_ELEMENTS
+                                         + ((d % ASMK_BF16_STEP) / 2) * 2 * ASMK_BF16_GROUP
+                                         + column * 2 + d % 2];
+                sum += bf16_to_float(rows[i * Dp + d]) * bf16_to_float(c);
+            }
+            block[i * 32 + j] = sum + half_norms[j];
+        }
+    }
+}
+
+static void scan_block_portable(workspace *w, const float *block, int64_t first_row,
+                                int64_t n_rows, int64_t k, int64_t first_centroid)
+{
+    for (int64_t i = 0; i < n_rows; i++) {
+        const int64_t r = first_row + i;
+        row_state *state = w->state + r;
+        uint32_t hits = 0;
+        for (int j = 0; j < 32; j++)
+            hits |= (uint32_t)(block[i * 32 + j] >= state->threshold) << j;
+        if (hits)
+            record_hits(state, w->best + r * k, w->candidate_value + r * CANDIDATE_CAPACITY,
+                        w->candidate_id + r * CANDIDATE_CAPACITY, k, block + i * 32, hits,
+                        first_centroid);
+    }
+}
+
+/* Approximate proximities of a block's rows to every centroid pair, portable loops. */
+static void scan_centroids_portable(workspace *w, int64_t n_rows, int64_t Dp, const uint16_t *packed,
+                                    int64_t steps, const float *half_norms, int64_t pairs, int64_t k)
+{
+    for (int64_t p = 0; p < pairs; p++) {
+        for (int64_t r = 0; r < n_rows; r += 32) {
+            proximities_portable(w->rows + r * Dp, Dp, packed + 2 * p * steps * TILE_ELEMENTS,
+                                 steps, half_norms + p * 32, w->block);
+            scan_block_portable(w, w->block, r, n_rows - r < 32 ? n_rows - r : 32, k, p * 32);
+        }
+    }
+}
+
+#if ASMK_AMX_BUILD
+typedef struct {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* tiles 0-3: 16 x 16 float32 sums (rows 0-15 / 16-31 x centroids 0-15 / 16-31 of the pair);
+   4-5: 16 rows x 32 bfloat16 dimensions; 6-7: 16 dimension pairs x 16 centroids x 2 */
+ASMK_AMX_TARGET static void amx_configure(void)
+{
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = 16;
+        config.bytes_per_row[t] = 64;
+    }
+    /* an asm with the config as its memory operand: GCC 12 drops the stores that fill it when
+       they only feed the _tile_loadconfig builtin */
+    __asm__ volatile("ldtilecfg %0" : : "m"(config));
+}
+
+ASMK_AMX_TARGET static void amx_release(void) { _tile_release(); }
+
+/* Start the sums of one 32 x 32 block in tiles 0-3 (rows 0-15 / 16-31 x centroids 0-15 /
+   16-31 of the pair); they run in the tile unit while the core goes on. */
+ASMK_AMX_TARGET static inline void start_proximities_amx(const uint16_t *rows, int64_t Dp,
+                                                         const uint16_t *pair, int64_t steps)
+{
+    /* the sums start from 0 (loading -|c|^2 / 2 with a zero row stride made the whole search
+       2.6x slower), the scan adds the half norms */
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const uint16_t *second = pair + steps * TILE_ELEMENTS;
+    for (int64_t s = 0; s < steps; s++) {
+        _tile_loadd(4, rows + s * ASMK_BF16_STEP, Dp * 2);
+        _tile_loadd(5, rows + 16 * Dp + s * ASMK_BF16_STEP, Dp * 2);
+        _tile_loadd(6, pair + s * TILE_ELEMENTS, 64);
+        _tile_loadd(7, second + s * TILE_ELEMENTS, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+}
+
+/* Store the block's sums: row i, centroid j of the pair at out[i * stride + j]. */
+ASMK_AMX_TARGET static inline void store_proximities_amx(float *out, int64_t stride)
+{
+    _tile_stored(0, out, stride * 4);
+    _tile_stored(1, out + 16, stride * 4);
+    _tile_stored(2, out + 16 * stride, stride * 4);
+    _tile_stored(3, out + 16 * stride + 16, stride * 4);
+}
+
+/* The k-th largest of 16 lane maxima (k <= 16): they belong to 16 different centroids, so it is
+   at most the row's k-th largest approximate proximity. */
+static float kth_largest_lane(const float *lanes, int64_t k)
+{
+    float top[16];
+    int64_t count = 0;
+    for (int lane = 0; lane < 16; lane++) {
+        const float value = lanes[lane];
+        int64_t at = count < k ? count++ : k;
+        if (at == k && !(value > top[k - 1])) continue;
+        if (at == k) at = k - 1;
+        while (at > 0 && top[at - 1] < value) {
+            top[at] = top[at - 1];
+            at--;
+        }
+        top[at] = value;
+    }
+    return count < k ? -INFINITY : top[k - 1];
+}
+
+/* First pass over one 32 x 32 block (rows first_row.., the centroid pair at `first`), while the
+   block is still in L1: add the half norms (in place) and raise the rows' lane maxima. */
+ASMK_AMX_TARGET static void fold_block_avx512(workspace *w, float *block, int64_t stride,
+                                              int64_t first_row, int64_t n_rows,
+                                              const float *half_norms, int64_t pair)
+{
+    const __m512 norms_low = _mm512_loadu_ps(half_norms), norms_high = _mm512_loadu_ps(half_norms + 16);
+    for (int64_t i = 0; i < n_rows; i++) {
+        float *values = block + i * stride;
+        float *lanes = w->lane_best + (first_row + i) * 16;
+        const __m512 low = _mm512_add_ps(_mm512_load_ps(values), norms_low);
+        const __m512 high = _mm512_add_ps(_mm512_load_ps(values + 16), norms_high);
+        _mm512_store_ps(values, low);
+        _mm512_store_ps(values + 16, high);
+        /* a NaN value (padding) keeps the lane; the pair's maximum is -inf when all are NaN */
+        const __m512 pair_lanes = _mm512_max_ps(high, _mm512_max_ps(low, _mm512_set1_ps(-INFINITY)));
+        _mm512_store_ps(lanes, _mm512_max_ps(pair_lanes, _mm512_load_ps(lanes)));
+        w->block_best[(first_row + i) * (CHUNK_CENTROIDS / 32) + pair] = _mm512_reduce_max_ps(pair_lanes);
+    }
+}
+
+/* Second pass over one row's approximate proximities to `columns` centroids from `first`: the
+   k-th largest lane maximum raises the threshold at once (so hits that a later centroid makes
+   stale are rare), then only the centroid pairs whose maximum reaches it are read again. */
+ASMK_AMX_TARGET static void scan_row_avx512(workspace *w, int64_t r, const float *values,
+                                            int64_t first, int64_t columns, int64_t k)
+{
+    row_state *state = w->state + r;
+    if (state->exact) return;
+    if (k <= 16) {
+        const float bound = kth_largest_lane(w->lane_best + r * 16, k) - state->window;
+        if (bound > state->threshold) state->threshold = bound;
+    }
+    const float *pair_best = w->block_best + r * (CHUNK_CENTROIDS / 32);
+    for (int64_t pairs = columns / 32, p0 = 0; p0 < pairs; p0 += 16) {
+        const __mmask16 valid = pairs - p0 >= 16 ? 0xffff : (__mmask16)((1u << (pairs - p0)) - 1);
+        uint32_t pair_hits = _mm512_mask_cmp_ps_mask(
+            valid, _mm512_maskz_loadu_ps(valid, pair_best + p0),
+            _mm512_set1_ps(state->threshold), _CMP_GE_OQ);
+        for (; pair_hits != 0; pair_hits &= pair_hits - 1) {
+            const int64_t j = (p0 + __builtin_ctz(pair_hits)) * 32;
+            const __m512 threshold = _mm512_set1_ps(state->threshold);
+            const uint32_t hits =
+                (uint32_t)_mm512_cmp_ps_mask(_mm512_load_ps(values + j), threshold, _CMP_GE_OQ)
+                | ((uint32_t)_mm512_cmp_ps_mask(_mm512_load_ps(values + j + 16), threshold,
+                                                _CMP_GE_OQ) << 16);
+            if (hits)
+                record_hits(state, w->best + r * k, w->candidate_value + r * CANDIDATE_CAPACITY,
+                            w->candidate_id + r * CANDIDATE_CAPACITY, k, values + j, hits,
+                            first + j);
+        }
+    }
+}
+
+/* The AMX path of one block of rows, per chunk of centroids: the tile unit sums block b + 1
+   while the core folds block b (first pass), then each row's second pass. */
+ASMK_AMX_TARGET static void scan_centroids_amx(workspace *w, int64_t n_rows, int64_t Dp,
+                                               const uint16_t *packed, int64_t steps,
+                                               const float *half_norms, int64_t pairs, int64_t k)
+{
+    const int64_t row_groups = (n_rows + 31) / 32;
+    for (int64_t r = 0; r < n_rows; r++)
+        _mm512_store_ps(w->lane_best + r * 16, _mm512_set1_ps(-INFINITY));
+    for (int64_t first_pair = 0; first_pair < pairs; first_pair += CHUNK_CENTROIDS / 32) {
+        const int64_t chunk_pairs = pairs - first_pair < CHUNK_CENTROIDS / 32
+                                    ? pairs - first_pair : CHUNK_CENTROIDS / 32;
+        const int64_t blocks = chunk_pairs * row_groups;
+        for (int64_t b = 0; b <= blocks; b++) {
+            if (b < blocks) {
+                const int64_t p = first_pair + b / row_groups, g = b % row_groups;
+                start_proximities_amx(w->rows + g * 32 * Dp, Dp,
+                                      packed + 2 * p * steps * TILE_ELEMENTS, steps);
+            }
+            if (b > 0) {
+                const int64_t p = (b - 1) / row_groups, g = (b - 1) % row_groups;
+                fold_block_avx512(w, w->block + g * 32 * CHUNK_STRIDE + p * 32, CHUNK_STRIDE,
+                                  g * 32, n_rows - g * 32 < 32 ? n_rows - g * 32 : 32,
+                                  half_norms + (first_pair + p) * 32, p);
+            }
+            if (b < blocks) {
+                const int64_t p = b / row_groups, g = b % row_groups;
+                store_proximities_amx(w->block + g * 32 * CHUNK_STRIDE + p * 32, CHUNK_STRIDE);
+            }
+        }
+        for (int64_t r = 0; r < n_rows; r++)
+            scan_row_avx512(w, r, w->block + r * CHUNK_STRIDE, first_pair * 32, chunk_pairs * 32,
+                            k);
+    }
+}
+
+int asmk_bf16_amx_usable(void)
+{
+    static int usable = -1;
+    if (usable >= 0) return usable;
+    unsigned int a, b, c, d;
+    int result = 0;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 24) & 1u) /* AMX-TILE */
+        && ((d >> 22) & 1u) /* AMX-BF16 */ && ((b >> 16) & 1u) /* AVX-512F */
+        && __get_cpuid(1, &a, &b, &c, &d) && ((c >> 27) & 1u) /* OSXSAVE */) {
+        unsigned int low, high;
+        __asm__ volatile("xgetbv" : "=a"(low), "=d"(high) : "c"(0));
+        const uint64_t xcr0 = ((uint64_t)high << 32) | low;
+        const uint64_t needed = (3ull << 17) /* tile config + data */ | 0xe6ull /* AVX-512 */;
+        /* Linux: ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, once per process */
+        result = (xcr0 & needed) == needed && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    }
+    usable = result;
+    return result;
+}
+#else
+int asmk_bf16_amx_usable(void) { return 0; }
+#endif
+
+/* ------------------------------------------------------------------------------------------- */
+/* driver                                                                                       */
+
+/* Copy one block's descriptors to bfloat16 and start their rows' bookkeeping. */
+static void start_block(workspace *w, const float *descriptors, int64_t n_rows, int64_t D,
+                        int64_t Dp, int64_t k, const asmk_bf16_stats *stats)
+{
+    memset(w->rows, 0, (size_t)(ROWS_PER_BLOCK * Dp) * sizeof(uint16_t));
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float *x = descriptors + r * D;
+        double squared = 0.0, rounding = 0.0, rounded = 0.0;
+        for (int64_t d = 0; d < D; d++) {
+            const uint16_t value = float_to_bf16(x[d]);
+            const double exact = x[d], approximate = bf16_to_float(value);
+            w->rows[r * Dp + d] = value;
+            squared += exact * exact;
+            rounding += (exact - approximate) * (exact - approximate);
+            rounded += approximate * approximate;
+        }
+        const double rounded_norm = sqrt(rounded);
+        const double bound = sqrt(squared) * stats->max_rounding_norm
+                             + sqrt(rounding) * stats->max_rounded_norm
+                             + (2.0 * (double)D + 8.0) * UNIT_ROUNDOFF
+                               * (stats->max_squared_norm + rounded_norm * stats->max_rounded_norm)
+                             + 1e-30;
+        row_state *state = w->state + r;
+        const float window = nextafterf((float)(2.0 * bound), INFINITY);
+        state->window = window;
+        state->count = 0;
+        /* the bound assumes no float32 overflow: |p^| <= |x^| max|c^| + max|c|^2 / 2 */
+        state->exact = !(isfinite(bound) && isfinite(window)
+                         && rounded_norm * stats->max_rounded_norm + stats->max_squared_norm
+                            < OVERFLOW_GUARD);
+        state->threshold = state->exact ? INFINITY : -INFINITY;
+        for (int64_t i = 0; i < k; i++) w->best[r * k + i] = -INFINITY;
+    }
+}
+
+static void finish_block(workspace *w, const float *descriptors, int64_t n_rows,
+                         const float *centroids, int64_t K, int64_t D, int64_t k, int64_t *out,
+                         int64_t *exact_rows, int64_t *candidates)
+{
+    for (int64_t r = 0; r < n_rows; r++) {
+        row_state *state = w->state + r;
+        float *values = w->candidate_value + r * CANDIDATE_CAPACITY;
+        int64_t *ids = w->candidate_id + r * CANDIDATE_CAPACITY;
+        if (state->exact || !(w->best[r * k + k - 1] > -INFINITY)) {
+            rank_exactly(descriptors + r * D, centroids, D, NULL, K, k, w->rank_distance,
+                         w->rank_id, out + r * k);
+            *exact_rows += 1;
+            continue;
+        }
+        int32_t kept = 0;
+        for (int32_t i = 0; i < state->count; i++) {
+            if (values[i] >= state->threshold) ids[kept++] = ids[i];
+        }
+        rank_exactly(descriptors + r * D, centroids, D, ids, kept, k, w->rank_distance,
+                     w->rank_id, out + r * k);
+        *candidates += kept;
+    }
+}
+
+int asmk_bf16_nearest(const float *descriptors, int64_t n, const float *centroids, int64_t K,
+                      int64_t D, const uint16_t *packed, const float *half_norms,
+                      const asmk_bf16_stats *stats, int64_t k, int use_amx, int threads,
+                      int64_t *out, int64_t *n_exact_rows, int64_t *n_candidates)
+{
+    if (use_amx && !asmk_bf16_amx_usable()) return -2;
+    const int64_t Kp = round_up(K, ASMK_BF16_CENTROID_ALIGN), Dp = round_up(D, ASMK_BF16_STEP);
+    const int64_t steps = Dp / ASMK_BF16_STEP, pairs = Kp / ASMK_BF16_CENTROID_ALIGN;
+    const int64_t blocks = (n + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
+    int failed = 0;
+    int64_t exact_rows = 0, candidates = 0;
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(+ : exact_rows, candidates)
+#endif
+    {
+        workspace *w = workspace_new(Dp, k, use_amx);
+        if (w == NULL) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
+        }
+#if ASMK_AMX_BUILD
+        if (w != NULL && use_amx) amx_configure();
+#endif
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t b = 0; b < blocks; b++) {
+            if (w == NULL) continue;
+            const int64_t first = b * ROWS_PER_BLOCK;
+            const int64_t n_rows = n - first < ROWS_PER_BLOCK ? n - first : ROWS_PER_BLOCK;
+            const float *x = descriptors + first * D;
+            start_block(w, x, n_rows, D, Dp, k, stats);
+#if ASMK_AMX_BUILD
+            if (use_amx)
+                scan_centroids_amx(w, n_rows, Dp, packed, steps, half_norms, pairs, k);
+            else
+#endif
+                scan_centroids_portable(w, n_rows, Dp, packed, steps, half_norms, pairs, k);
+            finish_block(w, x, n_rows, centroids, K, D, k, out + first * k, &exact_rows,
+                         &candidates);
+        }
+#if ASMK_AMX_BUILD
+        if (w != NULL && use_amx) amx_release();
+#endif
+        workspace_free(w);
+    }
+    *n_exact_rows = exact_rows;
+    *n_candidates = candidates;
+    return failed ? -1 : 0;
+}

@@ -4,6 +4,7 @@ The kernels use OpenMP threads when the compiler supports ``-fopenmp`` (GCC, and
 libomp); otherwise they build single-threaded, with the same results. The AMX kernel of the exact
 nearest-centroid search is built when the compiler knows the AMX intrinsics (GCC 11+, clang 12+);
 without it, quantization uses BLAS products, with the same results up to float32 near-ties.
+``ASMK_INDEX_NO_OPENMP=1`` and ``ASMK_INDEX_NO_AMX=1`` leave either out.
 """
 import os
 import tempfile
@@ -17,7 +18,8 @@ OPENMP_FLAG = "-fopenmp"
 # compiler knows the AMX intrinsics; whether the CPU and OS allow it is checked at run time
 AMX_PROBE = """
 #include <immintrin.h>
-__attribute__((target("amx-tile,amx-bf16,avx512f"))) void probe(float *out, const void *a) {
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl")))
+void probe(float *out, const void *a) {
     _tile_zero(0);
     _tile_loadd(1, a, 64);
     _tile_loadd(2, a, 64);
@@ -44,7 +46,9 @@ def compiler_builds(compiler, program: str, flags: list[str]) -> bool:
     return True
 
 
-class BuildExtWithOpenMP(build_ext):
+class BuildKernels(build_ext):
+    """build_ext with OpenMP and the AMX kernel where the compiler supports them."""
+
     def build_extensions(self):
         openmp_program = "#include <omp.h>\nint main(void) { return omp_get_max_threads() < 1; }\n"
         if os.environ.get("ASMK_INDEX_NO_OPENMP") != "1" and compiler_builds(
@@ -54,11 +58,12 @@ class BuildExtWithOpenMP(build_ext):
                 extension.extra_link_args.append(OPENMP_FLAG)
         else:
             print("asmk_index: building the kernels without OpenMP (single-threaded)")
-        if os.environ.get("ASMK_INDEX_NO_AMX") != "1" and compiler_builds(self.compiler, AMX_PROBE, []):
+        if os.environ.get("ASMK_INDEX_NO_AMX") != "1" and compiler_builds(self.compiler,
+                                                                          AMX_PROBE, []):
             for extension in self.extensions:
                 extension.define_macros.append(("ASMK_HAVE_AMX", "1"))
         else:
-            print("asmk_index: building without the AMX kernel (portable bfloat16 prefilter only)")
+            print("asmk_index: building without the AMX kernel (quantization uses BLAS products)")
         super().build_extensions()
 
 
@@ -67,8 +72,10 @@ extensions = [
         "asmk_index._kernels",
         ["asmk_index/_kernels.pyx", "asmk_index/_nearest_bf16.c"],
         include_dirs=["asmk_index"],
-        extra_compile_args=["-O3"],
+        # no FMA contraction: the exact distances of _nearest_bf16.c must round the same way in
+        # its portable and AVX-512 versions
+        extra_compile_args=["-O3", "-ffp-contract=off"],
     )
 ]
 
-setup(ext_modules=cythonize(extensions, language_level=3), cmdclass={"build_ext": BuildExtWithOpenMP})
+setup(ext_modules=cythonize(extensions, language_level=3), cmdclass={"build_ext": BuildKernels})

@@ -26,10 +26,11 @@ cdef extern from *:
     #endif
 
     /* Pairs below which grouping/aggregation runs on one thread (start-up costs more than it
-       saves). Only these index-building loops use OpenMP: the query path stays on the calling
-       thread, because its few milliseconds follow a BLAS product whose worker threads keep
-       spinning, and two spinning thread pools on the same cores made queries 1.6-3.2x slower
-       (2 cores, 4096 and 65536 words). Concurrent queries from several Python threads do run in
+       saves). The scans of a query stay on the calling thread: with the BLAS quantizer their few
+       milliseconds follow a BLAS product whose worker threads keep spinning, and two spinning
+       thread pools on the same cores made queries 1.6-3.2x slower (2 cores, 4096 and 65536
+       words). (The AMX quantizer of _nearest_bf16.c uses no BLAS and shares a query's
+       descriptors among threads.) Concurrent queries from several Python threads do run in
        parallel: every kernel releases the GIL. */
     #define ASMK_GROUP_PAIRS_PER_THREAD 16384
 
@@ -889,8 +890,10 @@ def merge_postings(const int64_t[::1] first_offsets, const unsigned char[:, ::1]
 
 
 # proximities (descriptors x centroids) per OpenMP thread, at least, in the bfloat16-prefiltered
-# nearest-centroid search (about 0.5 ms of one core's work), and descriptors per work unit
-cdef int64_t BF16_WORK_PER_THREAD = 1 << 20
+# nearest-centroid search (about 30 us of one core's work), and descriptors per work unit: a
+# query's 250 descriptors x 4096 words take 2 threads (quantization 0.72 against 1.4 ms, the whole
+# search 2.2 against 3.0 ms on 2 cores: no BLAS thread pool spins here)
+cdef int64_t BF16_WORK_PER_THREAD = 1 << 16
 cdef int64_t BF16_ROWS_PER_UNIT = 64
 
 

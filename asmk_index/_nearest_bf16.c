@@ -16,7 +16,8 @@
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#define ASMK_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f")))
+#define ASMK_AMX_TARGET \
+    __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl")))
 #else
 #define ASMK_AMX_BUILD 0
 #endif
@@ -38,7 +39,10 @@
 #define OVERFLOW_GUARD 1e37
 #define TILE_ELEMENTS (ASMK_BF16_GROUP * ASMK_BF16_STEP) /* bfloat16 per packed tile */
 
-static inline int64_t round_up(int64_t value, int64_t step) { return (value + step - 1) / step * step; }
+static inline int64_t round_up(int64_t value, int64_t step)
+{
+    return (value + step - 1) / step * step;
+}
 
 /* float32 -> bfloat16, round to nearest even (finite input; huge values may become inf). */
 static inline uint16_t float_to_bf16(float value)
@@ -120,8 +124,9 @@ typedef struct {
 static void workspace_free(workspace *w)
 {
     if (w == NULL) return;
-    free(w->rows); free(w->block); free(w->lane_best); free(w->block_best); free(w->state); free(w->best); free(w->candidate_value);
-    free(w->candidate_id); free(w->rank_distance); free(w->rank_id);
+    free(w->rows); free(w->block); free(w->lane_best); free(w->block_best); free(w->state);
+    free(w->best); free(w->candidate_value); free(w->candidate_id); free(w->rank_distance);
+    free(w->rank_id);
     free(w);
 }
 
@@ -146,8 +151,8 @@ static workspace *workspace_new(int64_t Dp, int64_t k, int use_amx)
     w->candidate_id = malloc(ROWS_PER_BLOCK * CANDIDATE_CAPACITY * sizeof(int64_t));
     w->rank_distance = malloc((size_t)k * sizeof(double));
     w->rank_id = malloc((size_t)k * sizeof(int64_t));
-    if (!w->rows || !w->block || !w->lane_best || !w->block_best || !w->state || !w->best || !w->candidate_value ||
-        !w->candidate_id || !w->rank_distance || !w->rank_id) {
+    if (!w->rows || !w->block || !w->lane_best || !w->block_best || !w->state || !w->best ||
+        !w->candidate_value || !w->candidate_id || !w->rank_distance || !w->rank_id) {
         workspace_free(w);
         return NULL;
     }
@@ -156,7 +161,10 @@ static workspace *workspace_new(int64_t Dp, int64_t k, int use_amx)
 
 /* Keep a candidate (compacting the row's list when full; a row still over half full after a
    compaction is ranked exactly over every centroid instead). */
-static inline __attribute__((always_inline)) void keep_candidate(row_state *state, float *values, int64_t *ids, float value, int64_t id)
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+static ALWAYS_INLINE void keep_candidate(row_state *state, float *values, int64_t *ids, float value,
+                                         int64_t id)
 {
     if (state->count == CANDIDATE_CAPACITY) {
         int32_t kept = 0;
@@ -184,8 +192,9 @@ static inline __attribute__((always_inline)) void keep_candidate(row_state *stat
    it, so that a chunk that moves the threshold far adds no stale candidates. Inlined into each
    caller, so that the AMX path runs it as AVX-512 code: called from there as a plain x86-64
    function, with the vector registers' upper halves in use, the whole search ran 1.7x slower. */
-static inline __attribute__((always_inline)) void record_hits(row_state *state, float *best, float *values, int64_t *ids, int64_t k,
-                        const float *chunk, uint32_t hits, int64_t first_centroid)
+static ALWAYS_INLINE void record_hits(row_state *state, float *best, float *values, int64_t *ids,
+                                      int64_t k, const float *chunk, uint32_t hits,
+                                      int64_t first_centroid)
 {
     if (state->exact) return;
     for (uint32_t rest = hits; rest != 0; rest &= rest - 1) {
@@ -209,8 +218,11 @@ static inline __attribute__((always_inline)) void record_hits(row_state *state, 
 }
 
 /* Exact squared distance in double precision: float32 differences are exact in double; eight
-   running sums in a fixed order (the same in every build of this file, no FMA contraction on
-   the x86-64 baseline this function is compiled for). */
+   running sums (dimension d into sum d % 8), each difference squared then added (setup.py turns
+   floating-point contraction off, so no FMA fuses them), combined in a fixed order. The AVX-512
+   version below does the very same operations, so both give the same bits. */
+typedef double (*distance_function)(const float *x, const float *c, int64_t D);
+
 static double exact_squared_distance(const float *x, const float *c, int64_t D)
 {
     double sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -225,13 +237,15 @@ static double exact_squared_distance(const float *x, const float *c, int64_t D)
         const double difference = (double)x[d] - (double)c[d];
         sums[d % 8] += difference * difference;
     }
-    return ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
+    return ((sums[0] + sums[1]) + (sums[2] + sums[3]))
+           + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
 }
 
 /* The k nearest of the given centroids (ids, or all K when ids is NULL) by exact distance,
    ties to the lower id, into out (k). */
 static void rank_exactly(const float *x, const float *centroids, int64_t D, const int64_t *ids,
-                         int64_t count, int64_t k, double *distance, int64_t *rank, int64_t *out)
+                         int64_t count, int64_t k, distance_function distance_of,
+                         double *distance, int64_t *rank, int64_t *out)
 {
     for (int64_t i = 0; i < k; i++) {
         distance[i] = INFINITY;
@@ -239,7 +253,7 @@ static void rank_exactly(const float *x, const float *centroids, int64_t D, cons
     }
     for (int64_t i = 0; i < count; i++) {
         const int64_t id = ids != NULL ? ids[i] : i;
-        const double value = exact_squared_distance(x, centroids + id * D, D);
+        const double value = distance_of(x, centroids + id * D, D);
         if (rank[k - 1] >= 0 && (value > distance[k - 1] ||
                                  (value == distance[k - 1] && id > rank[k - 1])))
             continue;
@@ -297,8 +311,9 @@ static void scan_block_portable(workspace *w, const float *block, int64_t first_
 }
 
 /* Approximate proximities of a block's rows to every centroid pair, portable loops. */
-static void scan_centroids_portable(workspace *w, int64_t n_rows, int64_t Dp, const uint16_t *packed,
-                                    int64_t steps, const float *half_norms, int64_t pairs, int64_t k)
+static void scan_centroids_portable(workspace *w, int64_t n_rows, int64_t Dp,
+                                    const uint16_t *packed, int64_t steps,
+                                    const float *half_norms, int64_t pairs, int64_t k)
 {
     for (int64_t p = 0; p < pairs; p++) {
         for (int64_t r = 0; r < n_rows; r += 32) {
@@ -395,7 +410,8 @@ ASMK_AMX_TARGET static void fold_block_avx512(workspace *w, float *block, int64_
                                               int64_t first_row, int64_t n_rows,
                                               const float *half_norms, int64_t pair)
 {
-    const __m512 norms_low = _mm512_loadu_ps(half_norms), norms_high = _mm512_loadu_ps(half_norms + 16);
+    const __m512 norms_low = _mm512_loadu_ps(half_norms);
+    const __m512 norms_high = _mm512_loadu_ps(half_norms + 16);
     for (int64_t i = 0; i < n_rows; i++) {
         float *values = block + i * stride;
         float *lanes = w->lane_best + (first_row + i) * 16;
@@ -404,9 +420,11 @@ ASMK_AMX_TARGET static void fold_block_avx512(workspace *w, float *block, int64_
         _mm512_store_ps(values, low);
         _mm512_store_ps(values + 16, high);
         /* a NaN value (padding) keeps the lane; the pair's maximum is -inf when all are NaN */
-        const __m512 pair_lanes = _mm512_max_ps(high, _mm512_max_ps(low, _mm512_set1_ps(-INFINITY)));
+        const __m512 pair_lanes =
+            _mm512_max_ps(high, _mm512_max_ps(low, _mm512_set1_ps(-INFINITY)));
         _mm512_store_ps(lanes, _mm512_max_ps(pair_lanes, _mm512_load_ps(lanes)));
-        w->block_best[(first_row + i) * (CHUNK_CENTROIDS / 32) + pair] = _mm512_reduce_max_ps(pair_lanes);
+        w->block_best[(first_row + i) * (CHUNK_CENTROIDS / 32) + pair] =
+            _mm512_reduce_max_ps(pair_lanes);
     }
 }
 
@@ -479,6 +497,26 @@ ASMK_AMX_TARGET static void scan_centroids_amx(workspace *w, int64_t n_rows, int
     }
 }
 
+ASMK_AMX_TARGET static double exact_squared_distance_avx512(const float *x, const float *c,
+                                                            int64_t D)
+{
+    __m512d sums = _mm512_setzero_pd();
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+        const __m512d difference = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + d)),
+                                                 _mm512_cvtps_pd(_mm256_loadu_ps(c + d)));
+        sums = _mm512_add_pd(sums, _mm512_mul_pd(difference, difference));
+    }
+    double lanes[8];
+    _mm512_storeu_pd(lanes, sums);
+    for (; d < D; d++) {
+        const double difference = (double)x[d] - (double)c[d];
+        lanes[d % 8] += difference * difference;
+    }
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+           + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
 int asmk_bf16_amx_usable(void)
 {
     static int usable = -1;
@@ -486,7 +524,8 @@ int asmk_bf16_amx_usable(void)
     unsigned int a, b, c, d;
     int result = 0;
     if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 24) & 1u) /* AMX-TILE */
-        && ((d >> 22) & 1u) /* AMX-BF16 */ && ((b >> 16) & 1u) /* AVX-512F */
+        && ((d >> 22) & 1u) /* AMX-BF16 */
+        && (b & 0xc0030000u) == 0xc0030000u /* AVX-512 F (16), DQ (17), BW (30), VL (31) */
         && __get_cpuid(1, &a, &b, &c, &d) && ((c >> 27) & 1u) /* OSXSAVE */) {
         unsigned int low, high;
         __asm__ volatile("xgetbv" : "=a"(low), "=d"(high) : "c"(0));
@@ -505,7 +544,31 @@ int asmk_bf16_amx_usable(void) { return 0; }
 /* ------------------------------------------------------------------------------------------- */
 /* driver                                                                                       */
 
-/* Copy one block's descriptors to bfloat16 and start their rows' bookkeeping. */
+/* Start a row's bookkeeping from |x|^2, |x - x^|^2 and |x^|^2 (x^ = bfloat16(x)): its window
+   2 E(x) (see _nearest_bf16.h), no candidate yet. */
+static void start_row(workspace *w, int64_t r, double squared, double rounding, double rounded,
+                      int64_t D, int64_t k, const asmk_bf16_stats *stats)
+{
+    const double rounded_norm = sqrt(rounded);
+    const double bound = sqrt(squared) * stats->max_rounding_norm
+                         + sqrt(rounding) * stats->max_rounded_norm
+                         + (2.0 * (double)D + 8.0) * UNIT_ROUNDOFF
+                           * (stats->max_squared_norm + rounded_norm * stats->max_rounded_norm)
+                         + 1e-30;
+    row_state *state = w->state + r;
+    const float window = nextafterf((float)(2.0 * bound), INFINITY);
+    state->window = window;
+    state->count = 0;
+    /* the bound assumes no float32 overflow: |p^| <= |x^| max|c^| + max|c|^2 / 2 */
+    state->exact = !(isfinite(bound) && isfinite(window)
+                     && rounded_norm * stats->max_rounded_norm + stats->max_squared_norm
+                        < OVERFLOW_GUARD);
+    state->threshold = state->exact ? INFINITY : -INFINITY;
+    for (int64_t i = 0; i < k; i++) w->best[r * k + i] = -INFINITY;
+}
+
+/* Copy one block's descriptors to bfloat16 (rows and dimensions beyond them zero) and start
+   their rows' bookkeeping. */
 static void start_block(workspace *w, const float *descriptors, int64_t n_rows, int64_t D,
                         int64_t Dp, int64_t k, const asmk_bf16_stats *stats)
 {
@@ -521,36 +584,64 @@ static void start_block(workspace *w, const float *descriptors, int64_t n_rows, 
             rounding += (exact - approximate) * (exact - approximate);
             rounded += approximate * approximate;
         }
-        const double rounded_norm = sqrt(rounded);
-        const double bound = sqrt(squared) * stats->max_rounding_norm
-                             + sqrt(rounding) * stats->max_rounded_norm
-                             + (2.0 * (double)D + 8.0) * UNIT_ROUNDOFF
-                               * (stats->max_squared_norm + rounded_norm * stats->max_rounded_norm)
-                             + 1e-30;
-        row_state *state = w->state + r;
-        const float window = nextafterf((float)(2.0 * bound), INFINITY);
-        state->window = window;
-        state->count = 0;
-        /* the bound assumes no float32 overflow: |p^| <= |x^| max|c^| + max|c|^2 / 2 */
-        state->exact = !(isfinite(bound) && isfinite(window)
-                         && rounded_norm * stats->max_rounded_norm + stats->max_squared_norm
-                            < OVERFLOW_GUARD);
-        state->threshold = state->exact ? INFINITY : -INFINITY;
-        for (int64_t i = 0; i < k; i++) w->best[r * k + i] = -INFINITY;
+        start_row(w, r, squared, rounding, rounded, D, k, stats);
     }
 }
 
+#if ASMK_AMX_BUILD
+/* start_block, 16 dimensions at a time: the same bfloat16 values (round to nearest even on the
+   bits), the three sums in another order (they only feed the bound, which has slack for it). */
+ASMK_AMX_TARGET static void start_block_avx512(workspace *w, const float *descriptors,
+                                               int64_t n_rows, int64_t D, int64_t Dp, int64_t k,
+                                               const asmk_bf16_stats *stats)
+{
+    memset(w->rows, 0, (size_t)(ROWS_PER_BLOCK * Dp) * sizeof(uint16_t));
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+    const __m512i high_half = _mm512_set1_epi32((int)0xffff0000u);
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float *x = descriptors + r * D;
+        __m512d squared = _mm512_setzero_pd(), rounding = _mm512_setzero_pd();
+        __m512d rounded = _mm512_setzero_pd();
+        for (int64_t d = 0; d < D; d += 16) {
+            const __mmask16 valid = D - d >= 16 ? 0xffff : (__mmask16)((1u << (D - d)) - 1);
+            const __m512i bits = _mm512_castps_si512(_mm512_maskz_loadu_ps(valid, x + d));
+            const __m512i even = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+            const __m512i nearest = _mm512_and_si512(
+                _mm512_add_epi32(bits, _mm512_add_epi32(bias, even)), high_half);
+            _mm256_mask_storeu_epi16(w->rows + r * Dp + d, valid,
+                                     _mm512_cvtepi32_epi16(_mm512_srli_epi32(nearest, 16)));
+            const __m512 exact = _mm512_castsi512_ps(bits);
+            const __m512 approximate = _mm512_castsi512_ps(nearest);
+            for (int half = 0; half < 2; half++) {
+                const __m256 e = half ? _mm512_extractf32x8_ps(exact, 1)
+                                      : _mm512_castps512_ps256(exact);
+                const __m256 a = half ? _mm512_extractf32x8_ps(approximate, 1)
+                                      : _mm512_castps512_ps256(approximate);
+                const __m512d e64 = _mm512_cvtps_pd(e), a64 = _mm512_cvtps_pd(a);
+                const __m512d difference = _mm512_sub_pd(e64, a64);
+                squared = _mm512_fmadd_pd(e64, e64, squared);
+                rounding = _mm512_fmadd_pd(difference, difference, rounding);
+                rounded = _mm512_fmadd_pd(a64, a64, rounded);
+            }
+        }
+        start_row(w, r, _mm512_reduce_add_pd(squared), _mm512_reduce_add_pd(rounding),
+                  _mm512_reduce_add_pd(rounded), D, k, stats);
+    }
+}
+#endif
+
 static void finish_block(workspace *w, const float *descriptors, int64_t n_rows,
-                         const float *centroids, int64_t K, int64_t D, int64_t k, int64_t *out,
-                         int64_t *exact_rows, int64_t *candidates)
+                         const float *centroids, int64_t K, int64_t D, int64_t k,
+                         distance_function distance_of, int64_t *out, int64_t *exact_rows,
+                         int64_t *candidates)
 {
     for (int64_t r = 0; r < n_rows; r++) {
         row_state *state = w->state + r;
         float *values = w->candidate_value + r * CANDIDATE_CAPACITY;
         int64_t *ids = w->candidate_id + r * CANDIDATE_CAPACITY;
         if (state->exact || !(w->best[r * k + k - 1] > -INFINITY)) {
-            rank_exactly(descriptors + r * D, centroids, D, NULL, K, k, w->rank_distance,
-                         w->rank_id, out + r * k);
+            rank_exactly(descriptors + r * D, centroids, D, NULL, K, k, distance_of,
+                         w->rank_distance, w->rank_id, out + r * k);
             *exact_rows += 1;
             continue;
         }
@@ -558,8 +649,8 @@ static void finish_block(workspace *w, const float *descriptors, int64_t n_rows,
         for (int32_t i = 0; i < state->count; i++) {
             if (values[i] >= state->threshold) ids[kept++] = ids[i];
         }
-        rank_exactly(descriptors + r * D, centroids, D, ids, kept, k, w->rank_distance,
-                     w->rank_id, out + r * k);
+        rank_exactly(descriptors + r * D, centroids, D, ids, kept, k, distance_of,
+                     w->rank_distance, w->rank_id, out + r * k);
         *candidates += kept;
     }
 }
@@ -573,6 +664,10 @@ int asmk_bf16_nearest(const float *descriptors, int64_t n, const float *centroid
     const int64_t Kp = round_up(K, ASMK_BF16_CENTROID_ALIGN), Dp = round_up(D, ASMK_BF16_STEP);
     const int64_t steps = Dp / ASMK_BF16_STEP, pairs = Kp / ASMK_BF16_CENTROID_ALIGN;
     const int64_t blocks = (n + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
+    distance_function distance_of = exact_squared_distance;
+#if ASMK_AMX_BUILD
+    if (use_amx) distance_of = exact_squared_distance_avx512;
+#endif
     int failed = 0;
     int64_t exact_rows = 0, candidates = 0;
     (void)threads;
@@ -598,15 +693,18 @@ int asmk_bf16_nearest(const float *descriptors, int64_t n, const float *centroid
             const int64_t first = b * ROWS_PER_BLOCK;
             const int64_t n_rows = n - first < ROWS_PER_BLOCK ? n - first : ROWS_PER_BLOCK;
             const float *x = descriptors + first * D;
-            start_block(w, x, n_rows, D, Dp, k, stats);
 #if ASMK_AMX_BUILD
-            if (use_amx)
+            if (use_amx) {
+                start_block_avx512(w, x, n_rows, D, Dp, k, stats);
                 scan_centroids_amx(w, n_rows, Dp, packed, steps, half_norms, pairs, k);
-            else
+            } else
 #endif
+            {
+                start_block(w, x, n_rows, D, Dp, k, stats);
                 scan_centroids_portable(w, n_rows, Dp, packed, steps, half_norms, pairs, k);
-            finish_block(w, x, n_rows, centroids, K, D, k, out + first * k, &exact_rows,
-                         &candidates);
+            }
+            finish_block(w, x, n_rows, centroids, K, D, k, distance_of, out + first * k,
+                         &exact_rows, &candidates);
         }
 #if ASMK_AMX_BUILD
         if (w != NULL && use_amx) amx_release();

@@ -34,8 +34,8 @@ typedef struct {
     double max_squared_norm;    /* max_c |c|^2 */
 } asmk_bf16_stats;
 
-/* 1 when this build has the AMX kernel, the CPU has AMX-TILE, AMX-BF16 and AVX-512F, the OS
-   saves tile state and granted this process the tile data permission; else 0. */
+/* 1 when this build has the AMX kernel, the CPU has AMX-TILE, AMX-BF16 and AVX-512 F/DQ/BW/VL,
+   the OS saves tile state and granted this process the tile data permission; else 0. */
 int asmk_bf16_amx_usable(void);
 
 /* Pack (K, D) float32 centroids for the prefilter:

@@ -3,9 +3,10 @@
 Quantization is exact by default, by one of these paths (:attr:`Codebook.quantizer` says which):
 
 - ``"faiss-gpu"``: a faiss flat index on the GPU, when faiss sees one;
-- ``"amx-bf16"``: on CPUs with AMX (Intel Sapphire Rapids and later), :func:`nearest_centroids_bf16`:
-  bfloat16 tile products with a proven error bound pick the few centroids that can be among the k
-  nearest, whose exact distances (double precision) then decide; ties go to the lower id;
+- ``"amx-bf16"``: on CPUs with AMX (Intel Sapphire Rapids and later),
+  :func:`nearest_centroids_bf16`: bfloat16 tile products with a proven error bound pick the few
+  centroids that can be among the k nearest, whose exact distances (double precision) then
+  decide; ties go to the lower id;
 - ``"blas"``: elsewhere, :func:`nearest_centroids` (numpy BLAS blocks and a compiled k-smallest
   pass) for a query's multiple assignment and small batches, 2-4x (4096 words) to 5-10x (65536
   words) faster than faiss there, and faiss ``IndexFlatL2`` for large single-assignment batches;

@@ -60,8 +60,11 @@ def adversarial_set(dim, size, n, seed):
 
 
 @pytest.mark.parametrize("use_amx", KERNELS)
-@pytest.mark.parametrize("dim,size,n,k", [(128, 300, 333, 1), (128, 300, 333, 5),
-                                          (40, 77, 130, 3), (7, 33, 65, 2), (128, 1000, 200, 10)])
+@pytest.mark.parametrize("dim,size,n,k", [
+    (128, 300, 333, 1), (128, 300, 333, 5),  # the usual shapes; blocks of 64 rows and a rest
+    (40, 77, 130, 3), (7, 33, 65, 2), (256, 64, 70, 2),  # dimensions padded to steps of 32
+    (128, 1000, 200, 10), (24, 200, 90, 20),  # k above the 16 lanes: no lane bound
+    (16, 4200, 100, 3)])  # more centroids than the AMX path holds at once: several chunks
 def test_equals_exact_brute_force(use_amx, dim, size, n, k):
     centroids, points = adversarial_set(dim, size, n, seed=dim + size + k)
     # the set's exact tie really is one

@@ -26,12 +26,11 @@ cdef extern from *:
     #endif
 
     /* Pairs below which grouping/aggregation runs on one thread (start-up costs more than it
-       saves). The scans of a query stay on the calling thread: with the BLAS quantizer their few
-       milliseconds follow a BLAS product whose worker threads keep spinning, and two spinning
-       thread pools on the same cores made queries 1.6-3.2x slower (2 cores, 4096 and 65536
-       words). (The AMX quantizer of _nearest_bf16.c uses no BLAS and shares a query's
-       descriptors among threads.) Concurrent queries from several Python threads do run in
-       parallel: every kernel releases the GIL. */
+       saves). A query's scan uses two threads only where no BLAS product precedes it (see
+       asmk.py, SCAN_THREAD_QUANTIZERS): after one, the idle OpenBLAS workers keep spinning, and
+       two spinning thread pools on the same cores made queries 1.6-3.2x slower (2 cores, 4096
+       and 65536 words). Concurrent queries from several Python threads do run in parallel:
+       every kernel releases the GIL. */
     #define ASMK_GROUP_PAIRS_PER_THREAD 16384
 
     static void asmk_set_max_threads(int count) {
@@ -125,15 +124,18 @@ cdef extern from *:
     }
 
     /* Score selected images through the doc-major forward index (binary codes): a merge of the
-       doc's sorted posting positions with the query words' sorted position ranges. */
+       doc's sorted posting positions with the query words' sorted position ranges. The terms of
+       the query words before `split` and from it are summed apart and then added, as the full
+       scan does (scan_binary), so both give the same bits. */
     #define ASMK_DEFINE_SCORE_BINARY(NAME, ATTR)                                               \\
     static ATTR void NAME(const uint64_t *qcodes, const int64_t *qwords, const double *qweights, \\
-                          int64_t nq, const int64_t *offsets, int64_t K, const uint64_t *codes, \\
-                          int64_t W, const uint32_t *fwd_positions, const int64_t *fwd_offsets, \\
-                          const int64_t *local_docs, int64_t nc, const double *lut, double *out) { \\
+                          int64_t nq, int64_t split, const int64_t *offsets, int64_t K,         \\
+                          const uint64_t *codes, int64_t W, const uint32_t *fwd_positions,      \\
+                          const int64_t *fwd_offsets, const int64_t *local_docs, int64_t nc,    \\
+                          const double *lut, double *out) {                                     \\
         for (int64_t c = 0; c < nc; ++c) {                                                     \\
             const int64_t d = local_docs[c];                                                   \\
-            double acc = 0.0;                                                                  \\
+            double halves[2] = {0.0, 0.0}; /* query words before / from `split` */             \\
             int64_t qi = 0;                                                                    \\
             for (int64_t t = fwd_offsets[d]; t < fwd_offsets[d + 1]; ++t) {                    \\
                 const int64_t pos = fwd_positions[t];                                          \\
@@ -145,9 +147,9 @@ cdef extern from *:
                 int h = 0;                                                                     \\
                 for (int64_t j = 0; j < W; ++j) h += __builtin_popcountll(q[j] ^ cc[j]);       \\
                 const double s = lut[h];                                                       \\
-                if (s != 0.0) acc += qweights[qi] * s;                                         \\
+                if (s != 0.0) halves[qi >= split] += qweights[qi] * s;                         \\
             }                                                                                  \\
-            out[c] = acc;                                                                      \\
+            out[c] = halves[0] + halves[1];                                                    \\
         }                                                                                      \\
     }
 
@@ -378,13 +380,13 @@ cdef extern from *:
     }
 
     static void asmk_score_float(const float *qvecs, const int64_t *qwords, const double *qweights,
-                                 int64_t nq, const int64_t *offsets, int64_t K, const float *vecs,
-                                 int64_t D, const uint32_t *fwd_positions,
+                                 int64_t nq, int64_t split, const int64_t *offsets, int64_t K,
+                                 const float *vecs, int64_t D, const uint32_t *fwd_positions,
                                  const int64_t *fwd_offsets, const int64_t *local_docs,
                                  int64_t nc, double alpha, double threshold, double *out) {
         for (int64_t c = 0; c < nc; ++c) {
             const int64_t d = local_docs[c];
-            double acc = 0.0;
+            double halves[2] = {0.0, 0.0};
             int64_t qi = 0;
             for (int64_t t = fwd_offsets[d]; t < fwd_offsets[d + 1]; ++t) {
                 const int64_t pos = fwd_positions[t];
@@ -393,9 +395,9 @@ cdef extern from *:
                 if (offsets[qwords[qi]] > pos) continue;
                 const double s = asmk_selectivity(asmk_dot(qvecs + qi * D, vecs + pos * D, D),
                                                   alpha, threshold);
-                if (s != 0.0) acc += qweights[qi] * s;
+                if (s != 0.0) halves[qi >= split] += qweights[qi] * s;
             }
-            out[c] = acc;
+            out[c] = halves[0] + halves[1];
         }
     }
     /* Exact k nearest centroids, one block of centroids at a time: ip (rows, cols) inner products
@@ -451,15 +453,17 @@ cdef extern from *:
                                   const uint64_t *codes, const uint32_t *docs, int64_t W,
                                   const double *lut, double *acc) nogil
     void asmk_score_binary_popcnt(const uint64_t *qcodes, const int64_t *qwords,
-                                  const double *qweights, int64_t nq, const int64_t *offsets,
-                                  int64_t K, const uint64_t *codes, int64_t W,
-                                  const uint32_t *fwd_positions, const int64_t *fwd_offsets,
+                                  const double *qweights, int64_t nq, int64_t split,
+                                  const int64_t *offsets, int64_t K, const uint64_t *codes,
+                                  int64_t W, const uint32_t *fwd_positions,
+                                  const int64_t *fwd_offsets,
                                   const int64_t *local_docs, int64_t nc, const double *lut,
                                   double *out) nogil
     void asmk_score_binary_generic(const uint64_t *qcodes, const int64_t *qwords,
-                                   const double *qweights, int64_t nq, const int64_t *offsets,
-                                   int64_t K, const uint64_t *codes, int64_t W,
-                                   const uint32_t *fwd_positions, const int64_t *fwd_offsets,
+                                   const double *qweights, int64_t nq, int64_t split,
+                                   const int64_t *offsets, int64_t K, const uint64_t *codes,
+                                   int64_t W, const uint32_t *fwd_positions,
+                                   const int64_t *fwd_offsets,
                                    const int64_t *local_docs, int64_t nc, const double *lut,
                                    double *out) nogil
     int64_t asmk_group_pairs(const int64_t *words, int64_t ma, const int64_t *descriptor_order,
@@ -474,8 +478,9 @@ cdef extern from *:
                          const uint32_t *docs, int64_t D, double alpha, double threshold,
                          double *acc) nogil
     void asmk_score_float(const float *qvecs, const int64_t *qwords, const double *qweights,
-                          int64_t nq, const int64_t *offsets, int64_t K, const float *vecs,
-                          int64_t D, const uint32_t *fwd_positions, const int64_t *fwd_offsets,
+                          int64_t nq, int64_t split, const int64_t *offsets, int64_t K,
+                          const float *vecs, int64_t D, const uint32_t *fwd_positions,
+                          const int64_t *fwd_offsets,
                           const int64_t *local_docs, int64_t nc, double alpha, double threshold,
                           double *out) nogil
 
@@ -651,29 +656,60 @@ def aggregate_residuals(const float[:, ::1] descriptors, const float[:, ::1] cen
     return (result, status == 0) if report_finite else result
 
 
+cdef void _scan_binary_words(const uint64_t *query_codes, const int64_t *query_words,
+                             const double *query_weights, int64_t first, int64_t last,
+                             const int64_t *offsets, const uint64_t *codes, const uint32_t *docs,
+                             int64_t W, const double *lut, double *acc) noexcept nogil:
+    """acc[doc] += weight_i * lut[hamming(q_i, code)] for query words first..last-1."""
+    if last <= first:
+        return
+    if _HAS_POPCNT:
+        asmk_scan_binary_popcnt(query_codes + first * W, query_words + first, query_weights + first,
+                                last - first, offsets, codes, docs, W, lut, acc)
+    else:
+        asmk_scan_binary_generic(query_codes + first * W, query_words + first,
+                                 query_weights + first, last - first, offsets, codes, docs, W, lut,
+                                 acc)
+
+
 def scan_binary(const uint64_t[:, ::1] query_codes, const int64_t[::1] query_words,
-                const double[::1] query_weights, const int64_t[::1] offsets,
+                const double[::1] query_weights, int64_t split, const int64_t[::1] offsets,
                 const uint64_t[:, ::1] codes, const uint32_t[::1] docs, const double[::1] lut,
-                double[::1] acc):
-    """acc[doc] += weight_i * lut[hamming(q_i, code)] over every posting of every query word i."""
+                double[::1] first_half, double[::1] second_half, int threads):
+    """first_half[doc] += weight_i * lut[hamming(q_i, code)] over every posting of the query
+    words i < split, second_half[doc] likewise for i >= split (the caller adds the two, as
+    score_binary does). With ``threads`` >= 2 the halves are scanned by two threads at once."""
     cdef int64_t nq = query_codes.shape[0], W = query_codes.shape[1]
+    cdef Py_ssize_t half
     if nq == 0 or codes.shape[0] == 0:
         return
+    if not 0 <= split <= nq:
+        raise ValueError(f"split must be in [0, {nq}], got {split}")
     with nogil:
-        if _HAS_POPCNT:
-            asmk_scan_binary_popcnt(&query_codes[0, 0], &query_words[0], &query_weights[0], nq,
-                                    &offsets[0], &codes[0, 0], &docs[0], W, &lut[0], &acc[0])
+        if threads >= 2:
+            for half in prange(2, num_threads=2, schedule="static"):
+                if half == 0:
+                    _scan_binary_words(&query_codes[0, 0], &query_words[0], &query_weights[0], 0,
+                                       split, &offsets[0], &codes[0, 0], &docs[0], W, &lut[0],
+                                       &first_half[0])
+                else:
+                    _scan_binary_words(&query_codes[0, 0], &query_words[0], &query_weights[0],
+                                       split, nq, &offsets[0], &codes[0, 0], &docs[0], W,
+                                       &lut[0], &second_half[0])
         else:
-            asmk_scan_binary_generic(&query_codes[0, 0], &query_words[0], &query_weights[0], nq,
-                                     &offsets[0], &codes[0, 0], &docs[0], W, &lut[0], &acc[0])
+            _scan_binary_words(&query_codes[0, 0], &query_words[0], &query_weights[0], 0, split,
+                               &offsets[0], &codes[0, 0], &docs[0], W, &lut[0], &first_half[0])
+            _scan_binary_words(&query_codes[0, 0], &query_words[0], &query_weights[0], split, nq,
+                               &offsets[0], &codes[0, 0], &docs[0], W, &lut[0], &second_half[0])
 
 
 def score_binary(const uint64_t[:, ::1] query_codes, const int64_t[::1] query_words,
-                 const double[::1] query_weights, const int64_t[::1] offsets,
+                 const double[::1] query_weights, int64_t split, const int64_t[::1] offsets,
                  const uint64_t[:, ::1] codes, const uint32_t[::1] fwd_positions,
                  const int64_t[::1] fwd_offsets, const int64_t[::1] local_docs,
                  const double[::1] lut, double[::1] out):
-    """out[c] = sum over shared words of weight * lut[hamming], for segment-local docs only."""
+    """out[c] = sum over shared words of weight * lut[hamming], for segment-local docs only; the
+    words before ``split`` and from it summed apart, then added (scan_binary's arithmetic)."""
     cdef int64_t nq = query_codes.shape[0], W = query_codes.shape[1]
     cdef int64_t K = offsets.shape[0] - 1, nc = local_docs.shape[0]
     if nc == 0:
@@ -684,33 +720,63 @@ def score_binary(const uint64_t[:, ::1] query_codes, const int64_t[::1] query_wo
     with nogil:
         if _HAS_POPCNT:
             asmk_score_binary_popcnt(&query_codes[0, 0], &query_words[0], &query_weights[0], nq,
-                                     &offsets[0], K, &codes[0, 0], W, &fwd_positions[0],
+                                     split, &offsets[0], K, &codes[0, 0], W, &fwd_positions[0],
                                      &fwd_offsets[0], &local_docs[0], nc, &lut[0], &out[0])
         else:
             asmk_score_binary_generic(&query_codes[0, 0], &query_words[0], &query_weights[0], nq,
-                                      &offsets[0], K, &codes[0, 0], W, &fwd_positions[0],
+                                      split, &offsets[0], K, &codes[0, 0], W, &fwd_positions[0],
                                       &fwd_offsets[0], &local_docs[0], nc, &lut[0], &out[0])
 
 
+cdef void _scan_float_words(const float *query_vecs, const int64_t *query_words,
+                            const double *query_weights, int64_t first, int64_t last,
+                            const int64_t *offsets, const float *vecs, const uint32_t *docs,
+                            int64_t D, double alpha, double threshold,
+                            double *acc) noexcept nogil:
+    """acc[doc] += weight_i * sigma(<q_i, v>) for query words first..last-1."""
+    if last > first:
+        asmk_scan_float(query_vecs + first * D, query_words + first, query_weights + first,
+                        last - first, offsets, vecs, docs, D, alpha, threshold, acc)
+
+
 def scan_float(const float[:, ::1] query_vecs, const int64_t[::1] query_words,
-               const double[::1] query_weights, const int64_t[::1] offsets,
+               const double[::1] query_weights, int64_t split, const int64_t[::1] offsets,
                const float[:, ::1] vecs, const uint32_t[::1] docs, double alpha,
-               double threshold, double[::1] acc):
-    """acc[doc] += weight_i * sigma(<q_i, v>) over every posting of every query word i."""
+               double threshold, double[::1] first_half, double[::1] second_half, int threads):
+    """scan_binary for real-valued aggregated vectors: weight_i * sigma(<q_i, v>)."""
     cdef int64_t nq = query_vecs.shape[0], D = query_vecs.shape[1]
+    cdef Py_ssize_t half
     if nq == 0 or vecs.shape[0] == 0:
         return
+    if not 0 <= split <= nq:
+        raise ValueError(f"split must be in [0, {nq}], got {split}")
     with nogil:
-        asmk_scan_float(&query_vecs[0, 0], &query_words[0], &query_weights[0], nq, &offsets[0],
-                        &vecs[0, 0], &docs[0], D, alpha, threshold, &acc[0])
+        if threads >= 2:
+            for half in prange(2, num_threads=2, schedule="static"):
+                if half == 0:
+                    _scan_float_words(&query_vecs[0, 0], &query_words[0], &query_weights[0], 0,
+                                      split, &offsets[0], &vecs[0, 0], &docs[0], D, alpha,
+                                      threshold, &first_half[0])
+                else:
+                    _scan_float_words(&query_vecs[0, 0], &query_words[0], &query_weights[0],
+                                      split, nq, &offsets[0], &vecs[0, 0], &docs[0], D, alpha,
+                                      threshold, &second_half[0])
+        else:
+            _scan_float_words(&query_vecs[0, 0], &query_words[0], &query_weights[0], 0, split,
+                              &offsets[0], &vecs[0, 0], &docs[0], D, alpha, threshold,
+                              &first_half[0])
+            _scan_float_words(&query_vecs[0, 0], &query_words[0], &query_weights[0], split, nq,
+                              &offsets[0], &vecs[0, 0], &docs[0], D, alpha, threshold,
+                              &second_half[0])
 
 
 def score_float(const float[:, ::1] query_vecs, const int64_t[::1] query_words,
-                const double[::1] query_weights, const int64_t[::1] offsets,
+                const double[::1] query_weights, int64_t split, const int64_t[::1] offsets,
                 const float[:, ::1] vecs, const uint32_t[::1] fwd_positions,
                 const int64_t[::1] fwd_offsets, const int64_t[::1] local_docs, double alpha,
                 double threshold, double[::1] out):
-    """Forward-index scoring of segment-local docs for real-valued aggregated vectors."""
+    """Forward-index scoring of segment-local docs for real-valued aggregated vectors (halves
+    split as in score_binary)."""
     cdef int64_t nq = query_vecs.shape[0], D = query_vecs.shape[1]
     cdef int64_t K = offsets.shape[0] - 1, nc = local_docs.shape[0]
     if nc == 0:
@@ -719,9 +785,9 @@ def score_float(const float[:, ::1] query_vecs, const int64_t[::1] query_words,
         out[:] = 0.0
         return
     with nogil:
-        asmk_score_float(&query_vecs[0, 0], &query_words[0], &query_weights[0], nq, &offsets[0],
-                         K, &vecs[0, 0], D, &fwd_positions[0], &fwd_offsets[0], &local_docs[0],
-                         nc, alpha, threshold, &out[0])
+        asmk_score_float(&query_vecs[0, 0], &query_words[0], &query_weights[0], nq, split,
+                         &offsets[0], K, &vecs[0, 0], D, &fwd_positions[0], &fwd_offsets[0],
+                         &local_docs[0], nc, alpha, threshold, &out[0])
 
 
 def merge_nearest(const float[:, :] inner_products, const float[::1] centroid_norms,

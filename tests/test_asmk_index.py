@@ -559,3 +559,42 @@ def test_compiled_top_k_equals_a_full_sort(n, k):
         expected = finite[np.lexsort((ids[finite], -scores[finite]))][:k]
         np.testing.assert_array_equal(_kernels.top_k(scores, ids, k), expected)
     assert _kernels.top_k(scores, ids, 0).size == 0
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "real"])
+def test_threaded_scan_gives_the_same_bits(monkeypatch, dataset, binary):
+    """A query's two halves of words scanned by two threads at once: the very same scores as
+    on one thread, and score() still equals search() bit for bit."""
+    import asmk_index
+    from asmk_index import _kernels
+    from asmk_index import asmk as asmk_module
+    codebook, descriptors, ids = dataset
+    index = AsmkIndex(codebook, binary=binary, use_idf=True)
+    for part in np.array_split(np.unique(ids), 3):  # several segments
+        rows = np.isin(ids, part)
+        index.add(descriptors[rows], ids[rows])
+    query = perturbed(descriptors[ids == ids[5]], 3, scale=0.05)
+    monkeypatch.setattr(asmk_module, "SCAN_THREAD_MIN_VECTORS", 1 << 62)
+    single = index.search(query, len(index))
+    scan = "scan_binary" if binary else "scan_float"
+    thread_counts = []
+    original = getattr(_kernels, scan)
+
+    def counting_scan(*args):
+        thread_counts.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(_kernels, scan, counting_scan)
+    monkeypatch.setattr(asmk_module, "SCAN_THREAD_MIN_VECTORS", 0)
+    monkeypatch.setattr(asmk_module, "SCAN_THREAD_QUANTIZERS", (codebook.quantizer,))
+    before = asmk_index.get_num_threads()
+    try:
+        asmk_index.set_num_threads(2)
+        openmp = asmk_index.get_num_threads() == 2  # 1 when the kernels lack OpenMP
+        threaded = index.search(query, len(index))
+    finally:
+        asmk_index.set_num_threads(before)
+    assert thread_counts == [2 if openmp else 1] * len(index._segments)
+    np.testing.assert_array_equal(threaded[0], single[0])
+    np.testing.assert_array_equal(threaded[1], single[1])
+    np.testing.assert_array_equal(index.score(query, threaded[0]), threaded[1])

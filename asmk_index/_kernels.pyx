@@ -491,6 +491,7 @@ cdef extern from "_nearest_bf16.h":
         double max_squared_norm
     int ASMK_BF16_CENTROID_ALIGN
     int ASMK_BF16_STEP
+    int ASMK_BF16_ROWS_PER_BLOCK
     int asmk_bf16_amx_usable() nogil
     void asmk_bf16_pack_centroids(const float *centroids, int64_t K, int64_t D, uint16_t *packed,
                                   float *half_norms, asmk_bf16_stats *stats) nogil
@@ -956,11 +957,15 @@ def merge_postings(const int64_t[::1] first_offsets, const unsigned char[:, ::1]
 
 
 # proximities (descriptors x centroids) per OpenMP thread, at least, in the bfloat16-prefiltered
-# nearest-centroid search (about 30 us of one core's work), and descriptors per work unit: a
-# query's 250 descriptors x 4096 words take 2 threads (quantization 0.72 against 1.4 ms, the whole
-# search 2.2 against 3.0 ms on 2 cores: no BLAS thread pool spins here)
+# nearest-centroid search (about 30 us of one core's work; threads share blocks of
+# ASMK_BF16_ROWS_PER_BLOCK descriptors): a query's 250 descriptors x 4096 words take 2 threads
+# (quantization 0.72 against 1.4 ms, the whole search 2.2 against 3.0 ms on 2 cores: no BLAS
+# thread pool spins here)
 cdef int64_t BF16_WORK_PER_THREAD = 1 << 16
-cdef int64_t BF16_ROWS_PER_UNIT = 64
+
+
+cdef inline int64_t _round_up(int64_t value, int64_t step) noexcept nogil:
+    return (value + step - 1) // step * step
 
 
 def bf16_amx_usable():
@@ -979,8 +984,7 @@ def bf16_pack_centroids(const float[:, ::1] centroids):
     cdef int64_t K = centroids.shape[0], D = centroids.shape[1]
     if K < 1 or D < 1:
         raise ValueError("bf16_pack_centroids: need at least one centroid and one dimension")
-    cdef int64_t Kp = (K + ASMK_BF16_CENTROID_ALIGN - 1) // ASMK_BF16_CENTROID_ALIGN * ASMK_BF16_CENTROID_ALIGN
-    cdef int64_t Dp = (D + ASMK_BF16_STEP - 1) // ASMK_BF16_STEP * ASMK_BF16_STEP
+    cdef int64_t Kp = _round_up(K, ASMK_BF16_CENTROID_ALIGN), Dp = _round_up(D, ASMK_BF16_STEP)
     packed_array = np.empty(Kp * Dp, dtype=np.uint16)
     norms_array = np.empty(Kp, dtype=np.float32)
     cdef uint16_t[::1] packed = packed_array
@@ -1003,8 +1007,7 @@ def bf16_nearest(const float[:, ::1] descriptors, const float[:, ::1] centroids,
     exactly over the other rows).
     """
     cdef int64_t n = descriptors.shape[0], D = descriptors.shape[1], K = centroids.shape[0]
-    cdef int64_t Kp = (K + ASMK_BF16_CENTROID_ALIGN - 1) // ASMK_BF16_CENTROID_ALIGN * ASMK_BF16_CENTROID_ALIGN
-    cdef int64_t Dp = (D + ASMK_BF16_STEP - 1) // ASMK_BF16_STEP * ASMK_BF16_STEP
+    cdef int64_t Kp = _round_up(K, ASMK_BF16_CENTROID_ALIGN), Dp = _round_up(D, ASMK_BF16_STEP)
     if centroids.shape[1] != D:
         raise ValueError(f"bf16_nearest: descriptors have {D} dimensions, centroids "
                          f"{centroids.shape[1]}")
@@ -1019,7 +1022,7 @@ def bf16_nearest(const float[:, ::1] descriptors, const float[:, ::1] centroids,
     cdef asmk_bf16_stats c_stats
     c_stats.max_rounding_norm, c_stats.max_rounded_norm, c_stats.max_squared_norm = stats
     cdef int threads = omp_threads(n * Kp, BF16_WORK_PER_THREAD)
-    threads = min(threads, (n + BF16_ROWS_PER_UNIT - 1) // BF16_ROWS_PER_UNIT)
+    threads = min(threads, _round_up(n, ASMK_BF16_ROWS_PER_BLOCK) // ASMK_BF16_ROWS_PER_BLOCK)
     cdef int64_t exact_rows = 0, candidates = 0
     cdef int status
     with nogil:

@@ -22,9 +22,7 @@
 #define ASMK_AMX_BUILD 0
 #endif
 
-/* descriptor rows per block: their bfloat16 copies (64 x 128 x 2 bytes) stay in L1 while every
-   centroid pair streams past (2 cores: 1.0 us per row against 1.4 us with 32 rows, 4096 words) */
-#define ROWS_PER_BLOCK 64
+#define ROWS_PER_BLOCK ASMK_BF16_ROWS_PER_BLOCK
 /* the AMX path holds the approximate proximities of a block's rows to this many centroids at
    once (64 x 4096 floats, 1 MiB, within L2) and scans them in two passes */
 #define CHUNK_CENTROIDS 4096

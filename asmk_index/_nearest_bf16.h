@@ -26,6 +26,10 @@
 #define ASMK_BF16_STEP 32
 /* padded sizes: centroids to pairs of groups, dimensions to whole steps */
 #define ASMK_BF16_CENTROID_ALIGN 32
+/* descriptors per work unit (one thread's block): their bfloat16 copies (64 x 128 x 2 bytes)
+   stay in L1 while every centroid pair streams past (the tile products alone, 4096 words, one
+   core: 1.0 us per descriptor against 1.4 us with blocks of 32) */
+#define ASMK_BF16_ROWS_PER_BLOCK 64
 
 /* Statistics of the packed centroids that the bound E(x) needs. */
 typedef struct {

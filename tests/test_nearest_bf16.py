@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import asmk_index
 from asmk_index import _kernels
@@ -173,3 +175,25 @@ def test_bad_arguments():
         _kernels.bf16_nearest(points, centroids, other.packed, other.half_norms, other.stats,
                               1, False)
     assert nearest_centroids_bf16(points[:0], packed, 2, use_amx=False).shape == (0, 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(1, 300), dim=st.integers(1, 70), n=st.integers(1, 150),
+       k=st.integers(1, 20), scale=st.sampled_from([1e-12, 1e-3, 1.0, 1e3, 1e15]),
+       duplicates=st.integers(0, 40), seed=st.integers(0, 2 ** 32 - 1))
+def test_property_words_are_the_exact_nearest(size, dim, n, k, scale, duplicates, seed):
+    """Any shapes, scales and runs of duplicated or nearly equal centroids: both kernels give the
+    float64 brute force's words."""
+    rng = np.random.default_rng(seed)
+    k = min(k, size)
+    centroids = (scale * rng.standard_normal((size, dim))).astype(np.float32)
+    copies = rng.integers(0, size, (duplicates, 2))
+    centroids[copies[:, 0]] = centroids[copies[:, 1]] * np.float32(1 + 1e-6 * rng.random())
+    labels = rng.integers(0, size, n)
+    points = (centroids[labels] + scale * rng.random() * rng.standard_normal((n, dim)))
+    points = np.ascontiguousarray(points, dtype=np.float32)
+    packed = Bf16Centroids.pack(centroids)
+    expected = exact_nearest(points, centroids, k)
+    for use_amx in KERNELS:
+        np.testing.assert_array_equal(nearest_centroids_bf16(points, packed, k, use_amx=use_amx),
+                                      expected)

@@ -7,8 +7,9 @@ Everything works on plain C-contiguous arrays and releases the GIL. Index buildi
 aggregation) shares images among OpenMP threads when built with OpenMP; results never depend on
 the thread count. Binary codes are packed into
 uint64 words (``W = ceil(D / 64)``; dimension ``j`` is bit ``63 - j % 64`` of word ``j // 64``,
-unused tail bits are 0). Scores are accumulated per query word in ascending word order, so the
-full scan and the per-image forward-index scoring add the very same terms in the very same order.
+unused tail bits are 0). Scores are accumulated per query word in ascending word order, the first
+and the second half of the query's words apart and then added, so the full scan and the per-image
+forward-index scoring add the very same terms in the very same order.
 """
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.math cimport sqrt

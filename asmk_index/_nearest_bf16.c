@@ -157,10 +157,13 @@ static workspace *workspace_new(int64_t Dp, int64_t k, int use_amx)
     return w;
 }
 
-/* Keep a candidate (compacting the row's list when full; a row still over half full after a
-   compaction is ranked exactly over every centroid instead). */
+/* Helpers that the AVX-512 code calls are inlined into it, so that they run as AVX-512 code: a
+   plain x86-64 function called with the vector registers' upper halves in use made the whole
+   search 1.7x slower (record_hits, see below). */
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
+/* Keep a candidate (compacting the row's list when full; a row still over half full after a
+   compaction is ranked exactly over every centroid instead). */
 static ALWAYS_INLINE void keep_candidate(row_state *state, float *values, int64_t *ids, float value,
                                          int64_t id)
 {
@@ -187,9 +190,8 @@ static ALWAYS_INLINE void keep_candidate(row_state *state, float *values, int64_
 
 /* Some of a row's 32 approximate proximities (bits of `hits`) reached its threshold: first raise
    the row's k largest with all of them (and so the threshold), then keep those still reaching
-   it, so that a chunk that moves the threshold far adds no stale candidates. Inlined into each
-   caller, so that the AMX path runs it as AVX-512 code: called from there as a plain x86-64
-   function, with the vector registers' upper halves in use, the whole search ran 1.7x slower. */
+   it, so that a chunk that moves the threshold far adds no stale candidates. (Called out of line
+   from the AVX-512 scan, it made the whole search 1.7x slower.) */
 static ALWAYS_INLINE void record_hits(row_state *state, float *best, float *values, int64_t *ids,
                                       int64_t k, const float *chunk, uint32_t hits,
                                       int64_t first_centroid)
@@ -384,7 +386,7 @@ ASMK_AMX_TARGET static inline void store_proximities_amx(float *out, int64_t str
 
 /* The k-th largest of 16 lane maxima (k <= 16): they belong to 16 different centroids, so it is
    at most the row's k-th largest approximate proximity. */
-static float kth_largest_lane(const float *lanes, int64_t k)
+static ALWAYS_INLINE float kth_largest_lane(const float *lanes, int64_t k)
 {
     float top[16];
     int64_t count = 0;
@@ -544,8 +546,9 @@ int asmk_bf16_amx_usable(void) { return 0; }
 
 /* Start a row's bookkeeping from |x|^2, |x - x^|^2 and |x^|^2 (x^ = bfloat16(x)): its window
    2 E(x) (see _nearest_bf16.h), no candidate yet. */
-static void start_row(workspace *w, int64_t r, double squared, double rounding, double rounded,
-                      int64_t D, int64_t k, const asmk_bf16_stats *stats)
+static ALWAYS_INLINE void start_row(workspace *w, int64_t r, double squared, double rounding,
+                                    double rounded, int64_t D, int64_t k,
+                                    const asmk_bf16_stats *stats)
 {
     const double rounded_norm = sqrt(rounded);
     const double bound = sqrt(squared) * stats->max_rounding_norm

@@ -36,6 +36,11 @@ SCAN_THREAD_MIN_VECTORS = 1 << 17
 SCAN_THREAD_QUANTIZERS = ("amx-bf16", "faiss-gpu")
 
 
+def _first_half_end(words: np.ndarray) -> int:
+    """Where a query's second half of words begins (the same split for search and score)."""
+    return words.size // 2
+
+
 @dataclass(frozen=True)
 class AsmkParams:
     """Every parameter of an :class:`AsmkIndex` (stored in its manifest)."""
@@ -265,7 +270,7 @@ class AsmkIndex:
         second summed apart (see SCAN_THREAD_MIN_VECTORS), then added."""
         first_half = np.zeros(len(self), dtype=np.float64)
         second_half = np.zeros(len(self), dtype=np.float64)
-        split = words.size // 2
+        split = _first_half_end(words)
         threaded = (self.codebook.quantizer in SCAN_THREAD_QUANTIZERS
                     and _kernels.max_threads() >= 2)
         for segment in self._segments:
@@ -307,6 +312,7 @@ class AsmkIndex:
         accumulator = np.zeros(candidate_ids.size, dtype=np.float64)
         if candidate_ids.size == 0:
             return accumulator
+        split = _first_half_end(words)
         starts = np.array([segment.doc_start for segment in self._segments], dtype=np.int64)
         segment_of = np.searchsorted(starts, positions, side="right") - 1
         for number in np.unique(segment_of):
@@ -314,7 +320,6 @@ class AsmkIndex:
             chosen = np.flatnonzero(segment_of == number)
             local = np.ascontiguousarray(positions[chosen] - segment.doc_start, dtype=np.int64)
             out = np.zeros(chosen.size, dtype=np.float64)
-            split = words.size // 2  # the halves of _accumulate
             if self.params.binary:
                 _kernels.score_binary(vectors, words, weights, split, segment.offsets,
                                       segment.codes, segment.fwd_positions, segment.fwd_offsets,

@@ -23,12 +23,15 @@
 #endif
 
 #define ROWS_PER_BLOCK ASMK_BF16_ROWS_PER_BLOCK
-/* the AMX path holds the approximate proximities of a block's rows to this many centroids at
-   once (64 x 4096 floats, 1 MiB, within L2) and scans them in two passes */
-#define CHUNK_CENTROIDS 4096
-/* floats between two rows of that buffer: a row plus one cache line, so the 16 rows of a tile
-   store do not all fall in the same L1 set */
-#define CHUNK_STRIDE (CHUNK_CENTROIDS + 16)
+/* the AMX path scans a block's approximate proximities to the first SEED_CENTROIDS centroids in
+   two passes, which set every row's threshold near its final value at once, then those to the
+   other centroids in one pass, a 32 x 32 tile block at a time while the tile unit sums the next
+   (one pass from the start: 1.25-1.55x faster than two passes over chunks of 4096 for k = 1,
+   but slower for k = 5, whose thresholds rise late) */
+#define SEED_CENTROIDS 256
+/* floats between two rows of the seed buffer: a row plus one cache line, so the 16 rows of a
+   tile store do not all fall in the same L1 set */
+#define SEED_STRIDE (SEED_CENTROIDS + 16)
 /* candidates kept per row before a compaction; a row still over half full after one is ranked
    exactly over all centroids */
 #define CANDIDATE_CAPACITY 128
@@ -106,10 +109,11 @@ typedef struct {
 
 typedef struct {
     uint16_t *rows;          /* ROWS_PER_BLOCK x Dp bfloat16 descriptors */
-    float *block;            /* ROWS_PER_BLOCK x CHUNK_STRIDE approximate proximities (AMX), or
-                                32 x 32 (portable) */
+    float *block;            /* ROWS_PER_BLOCK x SEED_STRIDE approximate proximities to the seed
+                                centroids (AMX), or 32 x 32 (portable) */
+    float *ring;             /* 2 x 32 x 32: the last two tile blocks of the one-pass scan (AMX) */
     float *lane_best;        /* ROWS_PER_BLOCK x 16: per row and lane, the largest p^ so far */
-    float *block_best;       /* ROWS_PER_BLOCK x CHUNK_CENTROIDS / 32: per row, each centroid
+    float *block_best;       /* ROWS_PER_BLOCK x SEED_CENTROIDS / 32: per row, each seed centroid
                                 pair's largest p^ (AMX) */
     row_state *state;        /* ROWS_PER_BLOCK */
     float *best;             /* ROWS_PER_BLOCK x k largest p^ so far, descending */
@@ -122,7 +126,7 @@ typedef struct {
 static void workspace_free(workspace *w)
 {
     if (w == NULL) return;
-    free(w->rows); free(w->block); free(w->lane_best); free(w->block_best); free(w->state);
+    free(w->rows); free(w->block); free(w->ring); free(w->lane_best); free(w->block_best); free(w->state);
     free(w->best); free(w->candidate_value); free(w->candidate_id); free(w->rank_distance);
     free(w->rank_id);
     free(w);
@@ -140,16 +144,17 @@ static workspace *workspace_new(int64_t Dp, int64_t k, int use_amx)
     workspace *w = calloc(1, sizeof(workspace));
     if (w == NULL) return NULL;
     w->rows = aligned((size_t)(ROWS_PER_BLOCK * Dp) * sizeof(uint16_t));
-    w->block = aligned((use_amx ? ROWS_PER_BLOCK * CHUNK_STRIDE : 32 * 32) * sizeof(float));
+    w->block = aligned((use_amx ? ROWS_PER_BLOCK * SEED_STRIDE : 32 * 32) * sizeof(float));
+    w->ring = aligned(2 * 32 * 32 * sizeof(float));
     w->lane_best = aligned(ROWS_PER_BLOCK * 16 * sizeof(float));
-    w->block_best = aligned(ROWS_PER_BLOCK * (CHUNK_CENTROIDS / 32) * sizeof(float));
+    w->block_best = aligned(ROWS_PER_BLOCK * (SEED_CENTROIDS / 32) * sizeof(float));
     w->state = malloc(ROWS_PER_BLOCK * sizeof(row_state));
     w->best = malloc((size_t)(ROWS_PER_BLOCK * k) * sizeof(float));
     w->candidate_value = malloc(ROWS_PER_BLOCK * CANDIDATE_CAPACITY * sizeof(float));
     w->candidate_id = malloc(ROWS_PER_BLOCK * CANDIDATE_CAPACITY * sizeof(int64_t));
     w->rank_distance = malloc((size_t)k * sizeof(double));
     w->rank_id = malloc((size_t)k * sizeof(int64_t));
-    if (!w->rows || !w->block || !w->lane_best || !w->block_best || !w->state || !w->best ||
+    if (!w->rows || !w->block || !w->ring || !w->lane_best || !w->block_best || !w->state || !w->best ||
         !w->candidate_value || !w->candidate_id || !w->rank_distance || !w->rank_id) {
         workspace_free(w);
         return NULL;
@@ -351,28 +356,38 @@ ASMK_AMX_TARGET static void amx_configure(void)
 
 ASMK_AMX_TARGET static void amx_release(void) { _tile_release(); }
 
-/* Start the sums of one 32 x 32 block in tiles 0-3 (rows 0-15 / 16-31 x centroids 0-15 /
-   16-31 of the pair); they run in the tile unit while the core goes on. */
-ASMK_AMX_TARGET static inline void start_proximities_amx(const uint16_t *rows, int64_t Dp,
-                                                         const uint16_t *pair, int64_t steps)
+/* The sums of one 32 x 32 block live in tiles 0-3 (rows 0-15 / 16-31 x centroids 0-15 / 16-31
+   of the pair); they start from 0 (loading -|c|^2 / 2 with a zero row stride made the whole
+   search 2.6x slower) and the scans add the half norms. */
+ASMK_AMX_TARGET static ALWAYS_INLINE void zero_proximities_amx(void)
 {
-    /* the sums start from 0 (loading -|c|^2 / 2 with a zero row stride made the whole search
-       2.6x slower), the scan adds the half norms */
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    const uint16_t *second = pair + steps * TILE_ELEMENTS;
-    for (int64_t s = 0; s < steps; s++) {
-        _tile_loadd(4, rows + s * ASMK_BF16_STEP, Dp * 2);
-        _tile_loadd(5, rows + 16 * Dp + s * ASMK_BF16_STEP, Dp * 2);
-        _tile_loadd(6, pair + s * TILE_ELEMENTS, 64);
-        _tile_loadd(7, second + s * TILE_ELEMENTS, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-    }
+}
+
+/* Add step s (32 dimensions) of a block's products; it runs in the tile unit while the core goes
+   on. rows: the block's 32 bfloat16 rows (stride Dp); pair: the centroid pair's packed tiles. */
+ASMK_AMX_TARGET static ALWAYS_INLINE void multiply_step_amx(const uint16_t *rows, int64_t Dp,
+                                                            const uint16_t *pair, int64_t steps,
+                                                            int64_t s)
+{
+    _tile_loadd(4, rows + s * ASMK_BF16_STEP, Dp * 2);
+    _tile_loadd(5, rows + 16 * Dp + s * ASMK_BF16_STEP, Dp * 2);
+    _tile_loadd(6, pair + s * TILE_ELEMENTS, 64);
+    _tile_loadd(7, pair + (steps + s) * TILE_ELEMENTS, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+}
+
+ASMK_AMX_TARGET static inline void start_proximities_amx(const uint16_t *rows, int64_t Dp,
+                                                         const uint16_t *pair, int64_t steps)
+{
+    zero_proximities_amx();
+    for (int64_t s = 0; s < steps; s++) multiply_step_amx(rows, Dp, pair, steps, s);
 }
 
 /* Store the block's sums: row i, centroid j of the pair at out[i * stride + j]. */
@@ -423,7 +438,7 @@ ASMK_AMX_TARGET static void fold_block_avx512(workspace *w, float *block, int64_
         const __m512 pair_lanes =
             _mm512_max_ps(high, _mm512_max_ps(low, _mm512_set1_ps(-INFINITY)));
         _mm512_store_ps(lanes, _mm512_max_ps(pair_lanes, _mm512_load_ps(lanes)));
-        w->block_best[(first_row + i) * (CHUNK_CENTROIDS / 32) + pair] =
+        w->block_best[(first_row + i) * (SEED_CENTROIDS / 32) + pair] =
             _mm512_reduce_max_ps(pair_lanes);
     }
 }
@@ -440,7 +455,7 @@ ASMK_AMX_TARGET static void scan_row_avx512(workspace *w, int64_t r, const float
         const float bound = kth_largest_lane(w->lane_best + r * 16, k) - state->window;
         if (bound > state->threshold) state->threshold = bound;
     }
-    const float *pair_best = w->block_best + r * (CHUNK_CENTROIDS / 32);
+    const float *pair_best = w->block_best + r * (SEED_CENTROIDS / 32);
     for (int64_t pairs = columns / 32, p0 = 0; p0 < pairs; p0 += 16) {
         const __mmask16 valid = pairs - p0 >= 16 ? 0xffff : (__mmask16)((1u << (pairs - p0)) - 1);
         uint32_t pair_hits = _mm512_mask_cmp_ps_mask(
@@ -461,40 +476,133 @@ ASMK_AMX_TARGET static void scan_row_avx512(workspace *w, int64_t r, const float
     }
 }
 
-/* The AMX path of one block of rows, per chunk of centroids: the tile unit sums block b + 1
+/* Rows [from, to) of a finished 32 x 32 block (stride 32; rows first_row.., the centroids from
+   first_centroid), one pass: add the half norms, compare with each row's threshold and record
+   the hits. */
+ASMK_AMX_TARGET static ALWAYS_INLINE void record_block_rows_avx512(
+    workspace *w, const float *block, int64_t first_row, int64_t from, int64_t to,
+    __m512 norms_low, __m512 norms_high, int64_t first_centroid, int64_t k)
+{
+    for (int64_t i = from; i < to; i++) {
+        const int64_t r = first_row + i;
+        row_state *state = w->state + r;
+        const __m512 threshold = _mm512_set1_ps(state->threshold);
+        const __m512 low = _mm512_add_ps(_mm512_load_ps(block + i * 32), norms_low);
+        const __m512 high = _mm512_add_ps(_mm512_load_ps(block + i * 32 + 16), norms_high);
+        const uint32_t hits = (uint32_t)_mm512_cmp_ps_mask(low, threshold, _CMP_GE_OQ)
+                              | ((uint32_t)_mm512_cmp_ps_mask(high, threshold, _CMP_GE_OQ) << 16);
+        if (hits) {
+            float values[32] __attribute__((aligned(64)));
+            _mm512_store_ps(values, low);
+            _mm512_store_ps(values + 16, high);
+            record_hits(state, w->best + r * k, w->candidate_value + r * CANDIDATE_CAPACITY,
+                        w->candidate_id + r * CANDIDATE_CAPACITY, k, values, hits,
+                        first_centroid);
+        }
+    }
+}
+
+/* The same rows, first one test for all of them (hits are rare once the thresholds are set):
+   the same sums and comparisons, the masks only OR-ed. */
+ASMK_AMX_TARGET static ALWAYS_INLINE void scan_block_rows_avx512(
+    workspace *w, const float *block, int64_t first_row, int64_t from, int64_t to,
+    __m512 norms_low, __m512 norms_high, int64_t first_centroid, int64_t k)
+{
+    __mmask16 any = 0;
+    for (int64_t i = from; i < to; i++) {
+        const __m512 threshold = _mm512_set1_ps(w->state[first_row + i].threshold);
+        const __m512 low = _mm512_add_ps(_mm512_load_ps(block + i * 32), norms_low);
+        const __m512 high = _mm512_add_ps(_mm512_load_ps(block + i * 32 + 16), norms_high);
+        any = _kor_mask16(any, _kor_mask16(_mm512_cmp_ps_mask(low, threshold, _CMP_GE_OQ),
+                                           _mm512_cmp_ps_mask(high, threshold, _CMP_GE_OQ)));
+    }
+    if (__builtin_expect(any != 0, 0))
+        record_block_rows_avx512(w, block, first_row, from, to, norms_low, norms_high,
+                                 first_centroid, k);
+}
+
+/* Two passes over the seed centroid pairs (0..seed_pairs-1): the tile unit sums block b + 1
    while the core folds block b (first pass), then each row's second pass. */
+ASMK_AMX_TARGET static void scan_seed_amx(workspace *w, int64_t n_rows, int64_t Dp,
+                                          const uint16_t *packed, int64_t steps,
+                                          const float *half_norms, int64_t seed_pairs, int64_t k)
+{
+    const int64_t row_groups = (n_rows + 31) / 32, blocks = seed_pairs * row_groups;
+    for (int64_t r = 0; r < n_rows; r++)
+        _mm512_store_ps(w->lane_best + r * 16, _mm512_set1_ps(-INFINITY));
+    for (int64_t b = 0; b <= blocks; b++) {
+        if (b < blocks) {
+            const int64_t p = b / row_groups, g = b % row_groups;
+            start_proximities_amx(w->rows + g * 32 * Dp, Dp,
+                                  packed + 2 * p * steps * TILE_ELEMENTS, steps);
+        }
+        if (b > 0) {
+            const int64_t p = (b - 1) / row_groups, g = (b - 1) % row_groups;
+            fold_block_avx512(w, w->block + g * 32 * SEED_STRIDE + p * 32, SEED_STRIDE, g * 32,
+                              n_rows - g * 32 < 32 ? n_rows - g * 32 : 32, half_norms + p * 32,
+                              p);
+        }
+        if (b < blocks) {
+            const int64_t p = b / row_groups, g = b % row_groups;
+            store_proximities_amx(w->block + g * 32 * SEED_STRIDE + p * 32, SEED_STRIDE);
+        }
+    }
+    for (int64_t r = 0; r < n_rows; r++)
+        scan_row_avx512(w, r, w->block + r * SEED_STRIDE, 0, seed_pairs * 32, k);
+}
+
+/* One pass over the centroid pairs first_pair..pairs-1: while the tile unit sums block b, the
+   core scans block b - 1 (from the ring), a quarter of its rows after each step's products. */
+ASMK_AMX_TARGET static void scan_rest_amx(workspace *w, int64_t n_rows, int64_t Dp,
+                                          const uint16_t *packed, int64_t steps,
+                                          const float *half_norms, int64_t first_pair,
+                                          int64_t pairs, int64_t k)
+{
+    const int64_t row_groups = (n_rows + 31) / 32, blocks = (pairs - first_pair) * row_groups;
+    for (int64_t b = 0; b <= blocks; b++) {
+        /* the block to scan: b - 1 */
+        int64_t rows_before = 0, first_row = 0, first_centroid = 0;
+        __m512 norms_low = _mm512_setzero_ps(), norms_high = _mm512_setzero_ps();
+        const float *before = w->ring + ((b + 1) & 1) * 32 * 32;
+        if (b > 0) {
+            const int64_t p = first_pair + (b - 1) / row_groups, g = (b - 1) % row_groups;
+            first_row = g * 32;
+            rows_before = n_rows - first_row < 32 ? n_rows - first_row : 32;
+            first_centroid = p * 32;
+            norms_low = _mm512_loadu_ps(half_norms + first_centroid);
+            norms_high = _mm512_loadu_ps(half_norms + first_centroid + 16);
+        }
+        if (b == blocks) {
+            scan_block_rows_avx512(w, before, first_row, 0, rows_before, norms_low, norms_high,
+                                   first_centroid, k);
+            break;
+        }
+        const int64_t p = first_pair + b / row_groups, g = b % row_groups;
+        const int64_t rows_per_step = (rows_before + steps - 1) / steps;
+        zero_proximities_amx();
+        for (int64_t s = 0; s < steps; s++) {
+            multiply_step_amx(w->rows + g * 32 * Dp, Dp, packed + 2 * p * steps * TILE_ELEMENTS,
+                              steps, s);
+            const int64_t from = s * rows_per_step;
+            const int64_t to = from + rows_per_step < rows_before ? from + rows_per_step
+                                                                   : rows_before;
+            if (from < to)
+                scan_block_rows_avx512(w, before, first_row, from, to, norms_low, norms_high,
+                                       first_centroid, k);
+        }
+        store_proximities_amx(w->ring + (b & 1) * 32 * 32, 32);
+    }
+}
+
+/* The AMX path of one block of rows: the seed centroids in two passes, the rest in one. */
 ASMK_AMX_TARGET static void scan_centroids_amx(workspace *w, int64_t n_rows, int64_t Dp,
                                                const uint16_t *packed, int64_t steps,
                                                const float *half_norms, int64_t pairs, int64_t k)
 {
-    const int64_t row_groups = (n_rows + 31) / 32;
-    for (int64_t r = 0; r < n_rows; r++)
-        _mm512_store_ps(w->lane_best + r * 16, _mm512_set1_ps(-INFINITY));
-    for (int64_t first_pair = 0; first_pair < pairs; first_pair += CHUNK_CENTROIDS / 32) {
-        const int64_t chunk_pairs = pairs - first_pair < CHUNK_CENTROIDS / 32
-                                    ? pairs - first_pair : CHUNK_CENTROIDS / 32;
-        const int64_t blocks = chunk_pairs * row_groups;
-        for (int64_t b = 0; b <= blocks; b++) {
-            if (b < blocks) {
-                const int64_t p = first_pair + b / row_groups, g = b % row_groups;
-                start_proximities_amx(w->rows + g * 32 * Dp, Dp,
-                                      packed + 2 * p * steps * TILE_ELEMENTS, steps);
-            }
-            if (b > 0) {
-                const int64_t p = (b - 1) / row_groups, g = (b - 1) % row_groups;
-                fold_block_avx512(w, w->block + g * 32 * CHUNK_STRIDE + p * 32, CHUNK_STRIDE,
-                                  g * 32, n_rows - g * 32 < 32 ? n_rows - g * 32 : 32,
-                                  half_norms + (first_pair + p) * 32, p);
-            }
-            if (b < blocks) {
-                const int64_t p = b / row_groups, g = b % row_groups;
-                store_proximities_amx(w->block + g * 32 * CHUNK_STRIDE + p * 32, CHUNK_STRIDE);
-            }
-        }
-        for (int64_t r = 0; r < n_rows; r++)
-            scan_row_avx512(w, r, w->block + r * CHUNK_STRIDE, first_pair * 32, chunk_pairs * 32,
-                            k);
-    }
+    const int64_t seed_pairs = pairs < SEED_CENTROIDS / 32 ? pairs : SEED_CENTROIDS / 32;
+    scan_seed_amx(w, n_rows, Dp, packed, steps, half_norms, seed_pairs, k);
+    if (seed_pairs < pairs)
+        scan_rest_amx(w, n_rows, Dp, packed, steps, half_norms, seed_pairs, pairs, k);
 }
 
 ASMK_AMX_TARGET static double exact_squared_distance_avx512(const float *x, const float *c,

@@ -66,7 +66,8 @@ def adversarial_set(dim, size, n, seed):
     (128, 300, 333, 1), (128, 300, 333, 5),  # the usual shapes; blocks of 64 rows and a rest
     (40, 77, 130, 3), (7, 33, 65, 2), (256, 64, 70, 2),  # dimensions padded to steps of 32
     (128, 1000, 200, 10), (24, 200, 90, 20),  # k above the 16 lanes: no lane bound
-    (16, 4200, 100, 3)])  # more centroids than the AMX path holds at once: several chunks
+    (16, 4200, 100, 3),  # the AMX path: 256 seed centroids in two passes, the rest in one
+    (32, 900, 150, 20)])  # k above the lanes past the seed
 def test_equals_exact_brute_force(use_amx, dim, size, n, k):
     centroids, points = adversarial_set(dim, size, n, seed=dim + size + k)
     # the set's exact tie really is one
@@ -79,6 +80,20 @@ def test_equals_exact_brute_force(use_amx, dim, size, n, k):
     # the duplicates and the sub-bfloat16 neighbours are told apart and ordered exactly
     assert words[8, 0] == 2 and words[0, 0] in (0, 1, 2, 3)
     assert words[12, :2].tolist() == [5, 6][:k]  # equal distances: the lower id first
+
+
+@pytest.mark.parametrize("use_amx", KERNELS)
+@pytest.mark.parametrize("k", [1, 5])
+def test_adversarial_centroids_past_the_seed(use_amx, k):
+    """The same hard cases with the centroid order reversed, so that the duplicates, the
+    sub-bfloat16 neighbours and the exact tie lie past the AMX path's 256 seed centroids, where
+    each tile block is scanned once."""
+    centroids, points = adversarial_set(128, 700, 333, seed=5 + k)
+    centroids = np.ascontiguousarray(centroids[::-1])
+    words = nearest_centroids_bf16(points, Bf16Centroids.pack(centroids), k, use_amx=use_amx)
+    np.testing.assert_array_equal(words, exact_nearest(points, centroids, k))
+    assert words[8, 0] == 697                                 # old id 2, exactly on it
+    assert words[12, :2].tolist() == [693, 694][:k]           # the tie, lower id first
 
 
 def test_kernels_agree_and_the_bound_leaves_few_candidates():
@@ -103,19 +118,21 @@ def test_kernels_agree_and_the_bound_leaves_few_candidates():
 
 
 @pytest.mark.parametrize("use_amx", KERNELS)
-def test_rows_with_too_many_near_equal_centroids_are_ranked_exactly(use_amx):
+@pytest.mark.parametrize("first", [20, 300])  # within the seed centroids, and past them
+def test_rows_with_too_many_near_equal_centroids_are_ranked_exactly(use_amx, first):
     """200 copies of one centroid (more than a row keeps as candidates) and a row whose error
     bound overflows: ranked over every centroid, still exact."""
     rng = np.random.default_rng(3)
-    centroids = rng.standard_normal((260, 16)).astype(np.float32)
-    centroids[20:220] = centroids[20]
-    points = np.ascontiguousarray(np.vstack([centroids[20] + 1e-3, rng.standard_normal((5, 16)),
+    centroids = rng.standard_normal((first + 240, 16)).astype(np.float32)
+    centroids[first:first + 200] = centroids[first]
+    points = np.ascontiguousarray(np.vstack([centroids[first] + 1e-3,
+                                             rng.standard_normal((5, 16)),
                                              np.full((1, 16), 1e38)]), dtype=np.float32)
     packed = Bf16Centroids.pack(centroids)
     words, exact_rows, _ = _kernels.bf16_nearest(points, packed.centroids, packed.packed,
                                                  packed.half_norms, packed.stats, 3, use_amx)
     np.testing.assert_array_equal(words, exact_nearest(points, centroids, 3))
-    assert words[0].tolist() == [20, 21, 22]
+    assert words[0].tolist() == [first, first + 1, first + 2]
     assert exact_rows >= 2
 
 

@@ -66,8 +66,8 @@ def adversarial_set(dim, size, n, seed):
     (128, 300, 333, 1), (128, 300, 333, 5),  # the usual shapes; blocks of 64 rows and a rest
     (40, 77, 130, 3), (7, 33, 65, 2), (256, 64, 70, 2),  # dimensions padded to steps of 32
     (128, 1000, 200, 10), (24, 200, 90, 20),  # k above the 16 lanes: no lane bound
-    (16, 4200, 100, 3),  # the AMX path: 256 seed centroids in two passes, the rest in one
-    (32, 900, 150, 20)])  # k above the lanes past the seed
+    (16, 4200, 100, 3),  # the AMX path: seed centroids in two passes (256 for k = 1, 1024
+    (32, 1300, 150, 20)])  # for k > 1), the rest in one; k above the lanes past the seed
 def test_equals_exact_brute_force(use_amx, dim, size, n, k):
     centroids, points = adversarial_set(dim, size, n, seed=dim + size + k)
     # the set's exact tie really is one
@@ -86,14 +86,14 @@ def test_equals_exact_brute_force(use_amx, dim, size, n, k):
 @pytest.mark.parametrize("k", [1, 5])
 def test_adversarial_centroids_past_the_seed(use_amx, k):
     """The same hard cases with the centroid order reversed, so that the duplicates, the
-    sub-bfloat16 neighbours and the exact tie lie past the AMX path's 256 seed centroids, where
-    each tile block is scanned once."""
-    centroids, points = adversarial_set(128, 700, 333, seed=5 + k)
+    sub-bfloat16 neighbours and the exact tie lie past the AMX path's seed centroids (256 for
+    k = 1, 1024 for k > 1), where each tile block is scanned once."""
+    centroids, points = adversarial_set(128, 1300, 333, seed=5 + k)
     centroids = np.ascontiguousarray(centroids[::-1])
     words = nearest_centroids_bf16(points, Bf16Centroids.pack(centroids), k, use_amx=use_amx)
     np.testing.assert_array_equal(words, exact_nearest(points, centroids, k))
-    assert words[8, 0] == 697                                 # old id 2, exactly on it
-    assert words[12, :2].tolist() == [693, 694][:k]           # the tie, lower id first
+    assert words[8, 0] == 1297                                # old id 2, exactly on it
+    assert words[12, :2].tolist() == [1293, 1294][:k]         # the tie, lower id first
 
 
 def test_kernels_agree_and_the_bound_leaves_few_candidates():
@@ -118,7 +118,7 @@ def test_kernels_agree_and_the_bound_leaves_few_candidates():
 
 
 @pytest.mark.parametrize("use_amx", KERNELS)
-@pytest.mark.parametrize("first", [20, 300])  # within the seed centroids, and past them
+@pytest.mark.parametrize("first", [20, 1100])  # within the seed centroids, and past them
 def test_rows_with_too_many_near_equal_centroids_are_ranked_exactly(use_amx, first):
     """200 copies of one centroid (more than a row keeps as candidates) and a row whose error
     bound overflows: ranked over every centroid, still exact."""

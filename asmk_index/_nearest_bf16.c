@@ -127,9 +127,9 @@ typedef struct {
 static void workspace_free(workspace *w)
 {
     if (w == NULL) return;
-    free(w->rows); free(w->block); free(w->ring); free(w->lane_best); free(w->block_best); free(w->state);
-    free(w->best); free(w->candidate_value); free(w->candidate_id); free(w->rank_distance);
-    free(w->rank_id);
+    free(w->rows); free(w->block); free(w->ring); free(w->lane_best); free(w->block_best);
+    free(w->state); free(w->best); free(w->candidate_value); free(w->candidate_id);
+    free(w->rank_distance); free(w->rank_id);
     free(w);
 }
 
@@ -155,8 +155,8 @@ static workspace *workspace_new(int64_t Dp, int64_t k, int use_amx)
     w->candidate_id = malloc(ROWS_PER_BLOCK * CANDIDATE_CAPACITY * sizeof(int64_t));
     w->rank_distance = malloc((size_t)k * sizeof(double));
     w->rank_id = malloc((size_t)k * sizeof(int64_t));
-    if (!w->rows || !w->block || !w->ring || !w->lane_best || !w->block_best || !w->state || !w->best ||
-        !w->candidate_value || !w->candidate_id || !w->rank_distance || !w->rank_id) {
+    if (!w->rows || !w->block || !w->ring || !w->lane_best || !w->block_best || !w->state ||
+        !w->best || !w->candidate_value || !w->candidate_id || !w->rank_distance || !w->rank_id) {
         workspace_free(w);
         return NULL;
     }

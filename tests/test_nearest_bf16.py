@@ -67,7 +67,8 @@ def adversarial_set(dim, size, n, seed):
     (40, 77, 130, 3), (7, 33, 65, 2), (256, 64, 70, 2),  # dimensions padded to steps of 32
     (128, 1000, 200, 10), (24, 200, 90, 20),  # k above the 16 lanes: no lane bound
     (16, 4200, 100, 3),  # the AMX path: seed centroids in two passes (256 for k = 1, 1024
-    (32, 1300, 150, 20)])  # for k > 1), the rest in one; k above the lanes past the seed
+    (40, 700, 130, 1),  # for k > 1), the rest in one (here with padded dimensions and a
+    (32, 1300, 150, 20)])  # partial last row group); k above the lanes past the seed
 def test_equals_exact_brute_force(use_amx, dim, size, n, k):
     centroids, points = adversarial_set(dim, size, n, seed=dim + size + k)
     # the set's exact tie really is one

@@ -444,11 +444,11 @@ ASMK_AMX_TARGET static void fold_block_avx512(workspace *w, float *block, int64_
     }
 }
 
-/* Second pass over one row's approximate proximities to `columns` centroids from `first`: the
+/* Second pass over one row's approximate proximities to the seed centroids 0..columns-1: the
    k-th largest lane maximum raises the threshold at once (so hits that a later centroid makes
    stale are rare), then only the centroid pairs whose maximum reaches it are read again. */
 ASMK_AMX_TARGET static void scan_row_avx512(workspace *w, int64_t r, const float *values,
-                                            int64_t first, int64_t columns, int64_t k)
+                                            int64_t columns, int64_t k)
 {
     row_state *state = w->state + r;
     if (state->exact) return;
@@ -471,8 +471,7 @@ ASMK_AMX_TARGET static void scan_row_avx512(workspace *w, int64_t r, const float
                                                 _CMP_GE_OQ) << 16);
             if (hits)
                 record_hits(state, w->best + r * k, w->candidate_value + r * CANDIDATE_CAPACITY,
-                            w->candidate_id + r * CANDIDATE_CAPACITY, k, values + j, hits,
-                            first + j);
+                            w->candidate_id + r * CANDIDATE_CAPACITY, k, values + j, hits, j);
         }
     }
 }
@@ -555,7 +554,7 @@ ASMK_AMX_TARGET static void scan_seed_amx(workspace *w, int64_t n_rows, int64_t 
         }
     }
     for (int64_t r = 0; r < n_rows; r++)
-        scan_row_avx512(w, r, w->block + r * SEED_STRIDE, 0, seed_pairs * 32, k);
+        scan_row_avx512(w, r, w->block + r * SEED_STRIDE, seed_pairs * 32, k);
 }
 
 /* One pass over the centroid pairs first_pair..pairs-1: while the tile unit sums block b, the

@@ -95,7 +95,7 @@ def step_quantization(data, patterns, size, n_images):
           f"{automatic_seconds / rows * 1e6:.3f} us/descriptor, exact '{exact.quantizer}' "
           f"{exact_seconds / rows * 1e6:.3f} us/descriptor ({ratio:.1f}x); {differ.size} words "
           f"differ{ties}")
-    return automatic, exact, centroids
+    return automatic, exact
 
 
 def step_kmeans(data, patterns, size):
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     data = SyntheticData()
     patterns = data.patterns()
     try:
-        automatic, exact, _ = step_quantization(data, patterns, size, rows // data.per_image)
+        automatic, exact = step_quantization(data, patterns, size, rows // data.per_image)
         step_kmeans(data, patterns, size)
         step_asmk(data, patterns, automatic, exact, images)
         step_global(images * 10)

@@ -334,14 +334,15 @@ class AsmkIndex:
 
     # persistence --------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
-        """Atomically write the index (with its codebook) as a checksummed directory."""
+        """Publish the index (with its codebook) as a checksummed directory (a new version under
+        the writer lock; plainly when it is a component of a directory being published)."""
         arrays = {"image_ids": self._doc_ids}
         ranges = []
         for number, segment in enumerate(self._segments):
             for name, array in segment.arrays().items():
                 arrays[f"segment{number:03d}_{name}"] = array
             ranges.append([segment.doc_start, segment.n_docs])
-        with persistence.atomic_directory(directory) as temporary:
+        with persistence.publish_directory(directory) as temporary:
             self.codebook.save(Path(temporary) / CODEBOOK_FILE)
             persistence.write_arrays(
                 temporary, kind=INDEX_KIND, params=asdict(self.params),
@@ -354,8 +355,12 @@ class AsmkIndex:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "AsmkIndex":
-        """Read an index written by :meth:`save`; IndexFormatError when anything is corrupt."""
-        directory = Path(directory)
+        """Read an index written by :meth:`save` (its current version, whole, even while a writer
+        replaces it); IndexFormatError when anything is corrupt."""
+        return persistence.load_current(directory, cls._load_version)
+
+    @classmethod
+    def _load_version(cls, directory: Path) -> "AsmkIndex":
         manifest, arrays = persistence.read_arrays(directory, kind=INDEX_KIND)
         require = persistence.require
         stored = manifest.get("codebook", {})
@@ -401,10 +406,9 @@ class AsmkIndex:
             expected_start += int(n_docs)
         require(expected_start == doc_ids.size, directory,
                 f"segments cover {expected_start} images, image_ids has {doc_ids.size} (mismatch)")
-        counts = manifest.get("counts", {})
-        require(counts.get("images") == doc_ids.size
-                and counts.get("vectors") == sum(s.n_postings for s in segments), directory,
-                "manifest counts mismatch (corrupt)")
+        persistence.check_counts(directory, manifest, {
+            "images": int(doc_ids.size), "vectors": int(sum(s.n_postings for s in segments)),
+            "segments": len(segments)})
         index._doc_ids, index._segments = doc_ids, segments
         index._invalidate()
         return index

@@ -27,7 +27,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .persistence import IndexFormatError, read_arrays, require, save_directory
+from .persistence import (IndexFormatError, check_counts, load_current, read_arrays, require,
+                          save_directory)
 from .validation import check_descriptors, check_ids
 
 GLOBAL_INDEX_KIND = "global_index"
@@ -383,7 +384,8 @@ class GlobalIndex:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> None:
-        """Write the index atomically to ``directory`` (manifest + checksummed arrays)."""
+        """Publish the index to ``directory`` (manifest + checksummed arrays; a new version under
+        the writer lock, or plainly as a component of a directory being published)."""
         arrays = {"vectors": self.vectors, "image_ids": self._ids[:self._size]}
         if self.method != "exact":
             index = self._current_faiss()
@@ -395,22 +397,34 @@ class GlobalIndex:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, use_gpu: bool | None = None) -> "GlobalIndex":
-        """Read an index written by :meth:`save`, verifying checksums and consistency."""
-        directory = Path(directory)
+        """Read an index written by :meth:`save` (its current version, whole, even while a writer
+        replaces it), verifying checksums, counts and consistency."""
+        return load_current(directory, lambda version: cls._load_version(version, use_gpu))
+
+    @classmethod
+    def _load_version(cls, directory: Path, use_gpu: bool | None) -> "GlobalIndex":
         manifest, arrays = read_arrays(directory, kind=GLOBAL_INDEX_KIND)
         try:
             index = cls(**manifest["params"], use_gpu=use_gpu)
-            images = int(manifest["counts"]["images"])
-            trained_nlist = manifest["counts"]["trained_nlist"]
         except (KeyError, TypeError, ValueError) as error:
             raise IndexFormatError(f"{directory}: corrupt manifest parameters ({error})") from error
         require("vectors" in arrays and "image_ids" in arrays, directory,
                 "corrupt index: vectors or image_ids missing")
         vectors, ids = arrays["vectors"], arrays["image_ids"]
+        require(ids.ndim == 1 and ids.dtype == np.int64, directory,
+                f"image_ids must be 1-d int64, the file holds {ids.shape} {ids.dtype} (corrupt)")
+        images = int(ids.shape[0])
         require(vectors.shape == (images, index.dim) and vectors.dtype == np.float32, directory,
-                f"vectors shape mismatch: {vectors.shape}, expected ({images}, {index.dim})")
-        require(ids.shape == (images,) and ids.dtype == np.int64, directory,
-                f"image_ids shape mismatch: {ids.shape}, expected ({images},)")
+                f"vectors shape mismatch: {vectors.shape}, expected ({images}, {index.dim}) "
+                "like image_ids")
+        stored_ivf = None
+        if index.method == "ivf" and "faiss_index" in arrays:
+            try:
+                stored_ivf = faiss.deserialize_index(np.ascontiguousarray(arrays["faiss_index"]))
+            except RuntimeError as error:
+                raise IndexFormatError(f"{directory}: corrupt faiss index ({error})") from error
+        trained_nlist = None if stored_ivf is None else int(getattr(stored_ivf, "nlist", -1))
+        check_counts(directory, manifest, {"images": images, "trained_nlist": trained_nlist})
         require(np.unique(ids).size == ids.size, directory, "corrupt index: duplicate image ids")
         require(bool(np.isfinite(vectors).all()), directory, "corrupt index: NaN/inf vectors")
         index._ensure_capacity(images)
@@ -418,12 +432,8 @@ class GlobalIndex:
         index._ids[:images] = ids
         index._size = images
         index._reindex()
-        if index.method == "ivf" and trained_nlist is not None:
-            require("faiss_index" in arrays, directory, "corrupt index: trained ivf index missing")
-            try:
-                stored = faiss.deserialize_index(np.ascontiguousarray(arrays["faiss_index"]))
-            except RuntimeError as error:
-                raise IndexFormatError(f"{directory}: corrupt faiss index ({error})") from error
+        if stored_ivf is not None:
+            stored = stored_ivf
             require(isinstance(stored, faiss.IndexIVFFlat) and stored.ntotal == images
                     and stored.d == index.dim and stored.nlist == trained_nlist,
                     directory, "faiss index mismatch with the stored vectors")

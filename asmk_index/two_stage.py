@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from .global_index import GlobalIndex
-from .persistence import IndexFormatError, atomic_directory, read_arrays, require, write_arrays
+from .persistence import (IndexFormatError, check_counts, load_current, publish_directory,
+                          read_arrays, require, write_arrays)
 from .validation import check_descriptors, check_ids
 
 TWO_STAGE_KIND = "two_stage_index"
@@ -257,9 +258,10 @@ class TwoStageIndex:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> None:
-        """Atomically write ``directory`` with sub-directories "global" and "asmk" and a top
+        """Publish ``directory`` (a new version under the writer lock, or plainly as a component
+        of a directory being published) with sub-directories "global" and "asmk" and a top
         manifest checksumming both and listing the image ids of each."""
-        with atomic_directory(directory) as temporary:
+        with publish_directory(directory) as temporary:
             self.global_index.save(temporary / GLOBAL_COMPONENT)
             self.asmk_index.save(temporary / ASMK_COMPONENT)
             image_ids = np.sort(self.global_index.image_ids)
@@ -275,8 +277,12 @@ class TwoStageIndex:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "TwoStageIndex":
         """Read a directory written by :meth:`save`; checksums, components and id sets are checked
-        (:class:`IndexFormatError` on any mismatch)."""
-        directory = Path(directory)
+        (:class:`IndexFormatError` on any mismatch); the current version is read whole, even
+        while a writer replaces it."""
+        return load_current(directory, cls._load_version)
+
+    @classmethod
+    def _load_version(cls, directory: Path) -> "TwoStageIndex":
         manifest, arrays = read_arrays(directory, kind=TWO_STAGE_KIND)
         require(set(manifest.get("components", {})) == {GLOBAL_COMPONENT, ASMK_COMPONENT},
                 directory, "corrupt two-stage index: components 'global' and 'asmk' expected")
@@ -291,6 +297,8 @@ class TwoStageIndex:
                 "image id mismatch: the ASMK* index does not hold the images the manifest lists")
         require(bool(np.isin(asmk_ids, global_index.image_ids).all()), directory,
                 "image id mismatch: the ASMK* index holds images the global index lacks")
+        check_counts(directory, manifest, {"images": len(global_index),
+                                           "asmk_images": int(asmk_ids.size)})
         try:
             return cls(global_index, asmk_index)
         except ValueError as error:

@@ -16,12 +16,26 @@ Search methods:
   delete; after :meth:`remove` the graph is rebuilt from the stored vectors at the next search.
 
 The approximate methods hold a second copy of the vectors inside faiss (see :meth:`memory_bytes`).
+
+Query expansion and database-side augmentation (both off by default; they need ``normalize``):
+
+- alpha-QE (Radenovic et al., TPAMI 2019), ``query_expansion=n``: the query is replaced by
+  ``q + sum_i s_i ** qe_alpha * x_i`` over its top-``n`` results ``x_i`` with similarity
+  ``s_i > 0`` (the others weigh 0), L2-normalised, and searched again
+  (:meth:`GlobalIndex.expand_query`); ``qe_alpha=0`` is average query expansion.
+- alpha-DBA, ``dba_neighbors=n``: every database vector is replaced, for searching and scoring,
+  by ``sum_j s_j ** dba_alpha * x_j`` over its top-``n + 1`` neighbours with ``s_j > 0`` (itself
+  first, weight 1), L2-normalised. The original vectors are kept (:attr:`GlobalIndex.vectors`, saved);
+  the augmented ones (:attr:`GlobalIndex.search_vectors`) are recomputed from them, lazily, after
+  every add or remove: an exact n x n neighbour search (faiss ``knn``), O(n^2 dim).
+
+:meth:`GlobalIndex.use_expansion` changes either option on an existing index.
 """
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import faiss
@@ -53,6 +67,10 @@ class GlobalIndexParams:
     ef_search: int = 64
     ef_construction: int = 40
     seed: int = 0
+    query_expansion: int = 0        # alpha-QE neighbours (0: off)
+    qe_alpha: float = 3.0
+    dba_neighbors: int = 0          # alpha-DBA neighbours (0: off)
+    dba_alpha: float = 3.0
 
     def __post_init__(self):
         if int(self.dim) != self.dim or self.dim <= 0:
@@ -66,6 +84,17 @@ class GlobalIndexParams:
         for name in ("nprobe", "hnsw_m", "ef_search", "ef_construction"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("query_expansion", "dba_neighbors"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("qe_alpha", "dba_alpha"):
+            if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got "
+                                 f"{getattr(self, name)!r}")
+        if (self.query_expansion or self.dba_neighbors) and not self.normalize:
+            raise ValueError("query_expansion and dba_neighbors need normalize=True (their "
+                             "weights are cosine similarities)")
 
     @property
     def auto_train_size(self) -> int:
@@ -83,6 +112,25 @@ def l2_normalize(vectors: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"{name}: {int(np.sum(norms == 0))} zero vector(s) cannot be "
                          f"L2-normalised (first: row {int(np.flatnonzero(norms[:, 0] == 0)[0])})")
     return np.ascontiguousarray(vectors / np.maximum(norms, np.finfo(np.float32).tiny), np.float32)
+
+
+def _weighted_sum_rows(stacked: np.ndarray, similarities: np.ndarray, alpha: float) -> np.ndarray:
+    """``normalize(sum_j w_j * v_j)`` per row with ``w_j = s_j ** alpha`` for ``s_j > 0`` and 0
+    otherwise: ``stacked`` (q, m, dim), ``similarities`` (q, m) -> (q, dim) float32."""
+    similarities = similarities.astype(np.float64)
+    positive = similarities > 0
+    weights = np.where(positive, np.power(np.where(positive, similarities, 1.0), alpha), 0.0)
+    summed = np.einsum("qm,qmd->qd", weights, stacked.astype(np.float64))
+    norms = np.linalg.norm(summed, axis=1, keepdims=True)
+    return np.ascontiguousarray(summed / np.maximum(norms, np.finfo(np.float64).tiny), np.float32)
+
+
+def _weighted_sum(vectors: np.ndarray, rows: np.ndarray, similarities: np.ndarray,
+                  alpha: float) -> np.ndarray:
+    """:func:`_weighted_sum_rows` of ``vectors[rows]`` (rows (q, m), -1 = none found)."""
+    found = rows >= 0
+    return _weighted_sum_rows(vectors[np.where(found, rows, 0)],
+                              np.where(found, similarities, 0.0), alpha)
 
 
 def _check_distinct(ids: np.ndarray, operation: str) -> None:
@@ -110,11 +158,15 @@ class GlobalIndex:
     def __init__(self, dim: int, *, method: str = "exact", nlist: int | None = None,
                  nprobe: int = 16, normalize: bool = True, train_size: int | None = None,
                  hnsw_m: int = 32, ef_search: int = 64, ef_construction: int = 40,
-                 seed: int = 0, use_gpu: bool | None = None):
+                 seed: int = 0, query_expansion: int = 0, qe_alpha: float = 3.0,
+                 dba_neighbors: int = 0, dba_alpha: float = 3.0, use_gpu: bool | None = None):
         self.params = GlobalIndexParams(
             dim=int(dim), method=method, nlist=nlist, nprobe=int(nprobe), normalize=bool(normalize),
             train_size=train_size, hnsw_m=int(hnsw_m), ef_search=int(ef_search),
-            ef_construction=int(ef_construction), seed=int(seed))
+            ef_construction=int(ef_construction), seed=int(seed),
+            query_expansion=query_expansion, qe_alpha=float(qe_alpha),
+            dba_neighbors=dba_neighbors, dba_alpha=float(dba_alpha))
+        self._dba: np.ndarray | None = None          # DBA vectors, None: stale (recomputed lazily)
         self.use_gpu = _gpu_available() if use_gpu is None else bool(use_gpu and _gpu_available())
         self._buffer = np.empty((0, self.dim), np.float32)
         self._ids = np.empty(0, np.int64)
@@ -144,6 +196,16 @@ class GlobalIndex:
         return self._buffer[:self._size]
 
     @property
+    def search_vectors(self) -> np.ndarray:
+        """The vectors searched and scored (n, dim) float32: :attr:`vectors`, or their alpha-DBA
+        augmentation when ``dba_neighbors`` > 0 (recomputed here after a change)."""
+        if not self.params.dba_neighbors:
+            return self.vectors
+        if self._dba is None or self._dba.shape[0] != self._size:
+            self._dba = self._augment_database()
+        return self._dba
+
+    @property
     def image_ids(self) -> np.ndarray:
         """Image ids in insertion order (a copy), (n,) int64."""
         return self._ids[:self._size].copy()
@@ -156,7 +218,7 @@ class GlobalIndex:
         own copy if any (estimated for ivf/hnsw: vectors, ids / graph links; GPU memory for exact
         search on a GPU)."""
         total = (self._buffer.nbytes + self._ids.nbytes + self._sorted_ids.nbytes
-                 + self._sorted_rows.nbytes)
+                 + self._sorted_rows.nbytes + (0 if self._dba is None else self._dba.nbytes))
         if self.method == "ivf" and self._faiss is not None:
             total += self._size * (self.dim * 4 + 8) + self._trained_nlist * self.dim * 4
         elif self.method == "hnsw" and self._faiss is not None:
@@ -224,17 +286,21 @@ class GlobalIndex:
         self._buffer[old_size:old_size + ids.size] = vectors
         self._ids[old_size:old_size + ids.size] = ids
         self._size += ids.size
+        self._dba = None
         try:
             self._reindex()
             if not self.is_trained:
                 if self._size >= self.params.auto_train_size:
                     self.train()
+            elif self.params.dba_neighbors:
+                self._faiss = None                  # every augmented vector may change
             elif self._faiss is not None:
                 self._faiss_add(vectors, ids)
         except BaseException:  # undo: faiss' state is unknown, rebuild it at the next search
             self._size = old_size
             self._reindex()
             self._faiss = None
+            self._dba = None
             raise
 
     def _ensure_capacity(self, size: int) -> None:
@@ -261,7 +327,8 @@ class GlobalIndex:
         self._ids[:kept] = self._ids[:self._size][keep]
         self._size = kept
         self._reindex()
-        if self.method == "ivf" and self._faiss is not None:
+        self._dba = None
+        if self.method == "ivf" and self._faiss is not None and not self.params.dba_neighbors:
             self._faiss.remove_ids(ids)             # ivf labels are image ids
         else:
             self._faiss = None                      # positions shifted: rebuilt at the next search
@@ -272,7 +339,7 @@ class GlobalIndex:
         (re)build the inverted lists from every stored vector. No-op for the other methods."""
         if self.method != "ivf":
             return
-        training = self.vectors if sample is None else self._prepare(sample, "sample")
+        training = self.search_vectors if sample is None else self._prepare(sample, "sample")
         n = training.shape[0]
         nlist = self.params.nlist
         if nlist is None:
@@ -295,7 +362,7 @@ class GlobalIndex:
         filled = faiss.deserialize_index(template)
         filled.nprobe = self.params.nprobe
         if self._size:
-            filled.add_with_ids(self.vectors, self._ids[:self._size])
+            filled.add_with_ids(self.search_vectors, self._ids[:self._size])
         self._trained_nlist, self._ivf_template, self._faiss = nlist, template, filled
 
     def _new_faiss(self):
@@ -327,7 +394,7 @@ class GlobalIndex:
     def _rebuild_faiss(self) -> None:
         self._faiss = self._new_faiss()
         if self._faiss is not None and self._size:
-            self._faiss_add(self.vectors, self._ids[:self._size])
+            self._faiss_add(self.search_vectors, self._ids[:self._size])
 
     def _current_faiss(self):
         """The faiss index to search, or ``None`` for exact CPU search."""
@@ -337,17 +404,79 @@ class GlobalIndex:
             self._rebuild_faiss()
         return self._faiss
 
+    # ------------------------------------------------------------------ expansion
+    def use_expansion(self, *, query_expansion: int | None = None, qe_alpha: float | None = None,
+                      dba_neighbors: int | None = None, dba_alpha: float | None = None) -> None:
+        """Change the query-expansion / DBA options (None: keep); a DBA change rebuilds the
+        searched vectors (lazily) and the faiss structures from the originals."""
+        changes = {name: value for name, value in (
+            ("query_expansion", query_expansion), ("qe_alpha", qe_alpha),
+            ("dba_neighbors", dba_neighbors), ("dba_alpha", dba_alpha)) if value is not None}
+        params = replace(self.params, **changes)    # validates
+        dba_changed = (params.dba_neighbors, params.dba_alpha) != (self.params.dba_neighbors,
+                                                                   self.params.dba_alpha)
+        self.params = params
+        if dba_changed:
+            self._dba = None
+            self._faiss = None
+            if self.method == "ivf" and self._trained_nlist is not None:
+                self.train()                        # re-trained on the searched vectors
+
+    def _augment_database(self) -> np.ndarray:
+        """alpha-DBA of every stored vector (see module docstring), (n, dim) float32."""
+        vectors = self.vectors
+        neighbours = min(self.params.dba_neighbors + 1, self._size)
+        if neighbours == 0:
+            return vectors.copy()
+        similarities, rows = faiss.knn(vectors, vectors, neighbours,
+                                       metric=faiss.METRIC_INNER_PRODUCT)
+        return _weighted_sum(vectors, rows, similarities, self.params.dba_alpha)
+
+    def expand_query(self, query, neighbors: int | None = None,
+                     alpha: float | None = None) -> np.ndarray:
+        """alpha-QE of ``query`` (dim,) or (q, dim) over its top-``neighbors`` results (default:
+        the index's ``query_expansion``, ``qe_alpha``), same shape, L2-normalised. With 0
+        neighbours (or an empty index) the normalised query itself."""
+        neighbors = self.params.query_expansion if neighbors is None else int(neighbors)
+        alpha = self.params.qe_alpha if alpha is None else float(alpha)
+        replace(self.params, query_expansion=neighbors, qe_alpha=alpha)   # validates
+        queries, single = self._prepare_queries(query)
+        if neighbors and self._size and queries.shape[0]:
+            ids, scores = self._search_prepared(queries, min(neighbors, self._size))
+            found = ids >= 0
+            rows = np.where(found, self._rows_of(np.where(found, ids, 0)), 0)
+            weights = np.where(found, scores, 0.0)
+            database = self.search_vectors
+            stacked = np.concatenate([queries[:, None], database[rows]], axis=1)
+            weights = np.concatenate([np.ones((queries.shape[0], 1), np.float32), weights], 1)
+            queries = _weighted_sum_rows(stacked, weights, alpha)
+        return queries[0] if single else queries
+
     # ------------------------------------------------------------------ queries
-    def search(self, query, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query, k: int, *, query_expansion: int | None = None,
+               qe_alpha: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` images by inner product, best first.
 
         ``query`` (dim,) -> ``ids`` (k',) int64 and ``scores`` (k',) float32 with
         ``k' = min(k, len(self))`` (approximate methods may find fewer). ``query`` (q, dim) ->
         (q, k') arrays, rows padded with id -1 and score -inf where fewer were found.
+        ``query_expansion``, ``qe_alpha``: alpha-QE for this call (None: the index's options);
+        the scores are then those of the expanded query.
         """
         if int(k) != k or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         queries, single = self._prepare_queries(query)
+        neighbors = self.params.query_expansion if query_expansion is None else query_expansion
+        if neighbors:
+            queries = self.expand_query(queries, neighbors, qe_alpha)
+        ids, scores = self._search_prepared(queries, int(k))
+        if single:
+            valid = ids[0] >= 0
+            return ids[0][valid], scores[0][valid]
+        return ids, scores
+
+    def _search_prepared(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` of prepared queries (q, dim): (q, k') ids (-1 padded) and scores."""
         k = min(int(k), self._size)
         if k == 0 or queries.shape[0] == 0:
             ids, scores = np.empty((queries.shape[0], k), np.int64), np.empty(
@@ -355,7 +484,7 @@ class GlobalIndex:
         else:
             index = self._current_faiss()
             if index is None or (self.method == "exact" and k > GPU_MAX_K):
-                scores, labels = faiss.knn(queries, self.vectors, k,
+                scores, labels = faiss.knn(queries, self.search_vectors, k,
                                            metric=faiss.METRIC_INNER_PRODUCT)
                 labels_are_ids = False
             else:
@@ -365,17 +494,19 @@ class GlobalIndex:
             ids = np.full(labels.shape, -1, np.int64)
             ids[found] = labels[found] if labels_are_ids else self._ids[labels[found]]
             scores = np.where(found, scores, -np.inf).astype(np.float32)
-        if single:
-            valid = ids[0] >= 0
-            return ids[0][valid], scores[0][valid]
         return ids, scores
 
-    def score(self, query, image_ids) -> np.ndarray:
+    def score(self, query, image_ids, *, query_expansion: int | None = None,
+              qe_alpha: float | None = None) -> np.ndarray:
         """Exact inner products of ``query`` (dim,) or (q, dim) with stored images ``image_ids``
-        (m,): (m,) or (q, m) float32. Unknown ids raise ``KeyError``."""
+        (m,): (m,) or (q, m) float32 (with the searched vectors: DBA-augmented when on; the query
+        expanded as :meth:`search` does). Unknown ids raise ``KeyError``."""
         queries, single = self._prepare_queries(query)
         rows = self._known_rows(image_ids, "image_ids")
-        scores = queries @ self.vectors[rows].T
+        neighbors = self.params.query_expansion if query_expansion is None else query_expansion
+        if neighbors:
+            queries = self.expand_query(queries, neighbors, qe_alpha)
+        scores = queries @ self.search_vectors[rows].T
         return scores[0] if single else scores
 
     def get_vectors(self, image_ids) -> np.ndarray:

@@ -16,6 +16,28 @@ Search modes (:meth:`TwoStageIndex.search`):
 
 A query with zero local descriptors has ASMK* score 0 with every image ("two_stage" then keeps the
 global order; "asmk" returns no results).
+
+Options of "two_stage" (:meth:`TwoStageIndex.search`):
+
+- ``fusion``: how the shortlist is ranked. ``None`` (default): ASMK* + ``global_weight`` x global
+  (above). ``"asmk"``: ASMK*, ties by global; ``"global"``: the global order;
+  ``"minmax"`` / ``"zscore"`` / ``"rrf"`` or a :class:`fusion.Fusion`: a fusion rule that does not
+  depend on the scales of the scores (:mod:`fusion`), ties keep the global order.
+- ``verify_top=R`` (stage 3, needs an index created with ``local_features=True`` and the query's
+  ``query_geometry``): the top R of that ranking are spatially verified (:mod:`verification`)
+  against their stored local features (:mod:`local_store`). With a fusion rule the inlier count
+  joins it as a third stage over the whole shortlist (an image not verified counts 0 inliers);
+  otherwise the verified images (at least ``min_inliers`` inliers) of the top R come first, by
+  inlier count (ties keep the stage-2 order), then every other image in the stage-2 order, and
+  ``scores`` keep the stage-2 values. ``SearchResult.inliers`` and ``.verifications`` (inlier
+  coordinates in both images, for drawing) come with each result.
+- ``query_expansion`` / ``qe_alpha``: alpha-QE of the global query for stage 1 (also in "global"
+  and "asmk" modes); DBA is an option of the global index (:class:`GlobalIndex`).
+
+Local features for stage 3: an index created with ``local_features=True`` keeps, for every image
+added with local descriptors, each descriptor's word, binary signature and ``local_geometry``
+(x, y, scale); every :meth:`TwoStageIndex.add` with local descriptors must then pass
+``local_geometry``. An index created without it refuses ``local_geometry`` and ``verify_top``.
 """
 from __future__ import annotations
 
@@ -26,7 +48,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .fusion import RULES as FUSION_RULES
+from .fusion import Fusion
 from .global_index import GlobalIndex
+from .local_store import LocalFeatureStore, binary_signatures, check_geometry
 from .persistence import (IndexFormatError, check_counts, load_current, publish_directory,
                           read_arrays, require, write_arrays)
 from .validation import check_descriptors, check_ids
@@ -34,7 +59,9 @@ from .validation import check_descriptors, check_ids
 TWO_STAGE_KIND = "two_stage_index"
 GLOBAL_COMPONENT = "global"
 ASMK_COMPONENT = "asmk"
+LOCAL_COMPONENT = "local"
 MODES = ("two_stage", "asmk", "global")
+SINGLE_STAGE_RANKINGS = ("asmk", "global")     # fusion= values that rank by one stage
 
 
 def _asmk_class():
@@ -47,7 +74,13 @@ class SearchResult:
     """Ranked results of one query, best first; all arrays have the same length.
 
     ``ids`` int64, ``scores`` the final ranking score (ASMK* for "two_stage"/"asmk", global for
-    "global"), ``global_scores``, ``asmk_scores`` (NaN in "global" mode), seconds per stage.
+    "global"; the fused value with a fusion rule), ``global_scores``, ``asmk_scores`` (NaN in
+    "global" mode), seconds per stage.
+
+    Stage 3 (``verify_top``): ``inliers`` (n,) int64, -1 where the image was not verified (beyond
+    the top R), else its inlier count (0: rejected); ``verifications``: one
+    :class:`verification.VerificationResult` (inlier pairs and their x, y in the query and in
+    the image) or None per result. Without stage 3 both are None.
     """
 
     ids: np.ndarray
@@ -58,13 +91,16 @@ class SearchResult:
     stage1_seconds: float = 0.0
     stage2_seconds: float = 0.0
     shortlist_size: int = field(default=0)
+    inliers: np.ndarray | None = None
+    verifications: list | None = None
+    stage3_seconds: float = 0.0
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
     @property
     def total_seconds(self) -> float:
-        return self.stage1_seconds + self.stage2_seconds
+        return self.stage1_seconds + self.stage2_seconds + self.stage3_seconds
 
 
 def _positive_int(value, name: str) -> int:
@@ -77,33 +113,80 @@ def _id_set_equal(a: np.ndarray, b: np.ndarray) -> bool:
     return np.array_equal(np.sort(a), np.sort(b))
 
 
+def _non_negative_int(value, name: str) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def _ranking_rule(fusion, global_weight: float):
+    """The shortlist ranking: ``("legacy", global_weight)``, "asmk", "global" or a Fusion."""
+    if fusion is None:
+        return ("legacy", global_weight)
+    if global_weight:
+        raise ValueError("global_weight belongs to the default ranking (fusion=None); with a "
+                         "fusion rule set its weights in fusion.Fusion")
+    if isinstance(fusion, Fusion) or fusion in SINGLE_STAGE_RANKINGS:
+        return fusion
+    if fusion in FUSION_RULES:
+        return Fusion(rule=fusion)
+    raise ValueError(f"fusion must be None, one of {SINGLE_STAGE_RANKINGS + FUSION_RULES} or a "
+                     f"fusion.Fusion, got {fusion!r}")
+
+
+def _rank_shortlist(ranking, global_scores: np.ndarray, asmk_scores: np.ndarray):
+    """(ranking scores, order) of a shortlist given in global order (see TwoStageIndex.search)."""
+    if isinstance(ranking, Fusion):
+        scores = ranking(global_scores, asmk_scores)
+        return scores, np.argsort(-scores, kind="stable")
+    if ranking == "global":
+        return global_scores, np.arange(global_scores.size)
+    weight = ranking[1] if isinstance(ranking, tuple) else 0.0
+    scores = asmk_scores + weight * global_scores if weight else asmk_scores
+    return scores, np.lexsort((-global_scores, -scores))
+
+
 class TwoStageIndex:
     """A :class:`GlobalIndex` and an ASMK* index over the same images (see module docstring)."""
 
-    def __init__(self, global_index: GlobalIndex, asmk_index):
+    def __init__(self, global_index: GlobalIndex, asmk_index,
+                 local_store: LocalFeatureStore | None = None):
         asmk_ids = np.asarray(asmk_index.image_ids, np.int64)
         if asmk_ids.size and not global_index.contains(asmk_ids).all():
             missing = asmk_ids[~global_index.contains(asmk_ids)]
             raise ValueError(f"the ASMK* index holds {missing.size} image id(s) that the global "
                              f"index lacks, e.g. {missing[:5].tolist()}")
+        if local_store is not None:
+            if local_store.dim != asmk_index.codebook.dim:
+                raise ValueError(f"the local feature store holds {local_store.dim}-d signatures, "
+                                 f"the codebook is {asmk_index.codebook.dim}-d")
+            if not _id_set_equal(local_store.image_ids, asmk_ids):
+                raise ValueError("the local feature store and the ASMK* index hold different "
+                                 f"images ({len(local_store)} vs {asmk_ids.size})")
         self.global_index = global_index
         self.asmk_index = asmk_index
+        self.local_store = local_store
 
     @classmethod
     def create(cls, codebook, global_dim: int, *, binary: bool = True, alpha: float = 3.0,
                similarity_threshold: float = 0.0, multiple_assignment: int = 1,
                query_multiple_assignment: int = 5, use_idf: bool = False,
                method: str = "exact", nlist: int | None = None, nprobe: int = 16,
-               normalize: bool = True, **global_options) -> "TwoStageIndex":
+               normalize: bool = True, local_features: bool = False,
+               **global_options) -> "TwoStageIndex":
         """Empty index: an ``AsmkIndex(codebook, ...)`` and a ``GlobalIndex(global_dim, ...)``
-        (``global_options``: further :class:`GlobalIndex` keywords, e.g. ``hnsw_m``)."""
+        (``global_options``: further :class:`GlobalIndex` keywords, e.g. ``hnsw_m``,
+        ``query_expansion``, ``dba_neighbors``). ``local_features``: keep every image's local
+        features (word, signature, x, y, scale) for stage 3; each add then needs
+        ``local_geometry``."""
         asmk_index = _asmk_class()(
             codebook, binary=binary, alpha=alpha, similarity_threshold=similarity_threshold,
             multiple_assignment=multiple_assignment,
             query_multiple_assignment=query_multiple_assignment, use_idf=use_idf)
         global_index = GlobalIndex(global_dim, method=method, nlist=nlist, nprobe=nprobe,
                                    normalize=normalize, **global_options)
-        return cls(global_index, asmk_index)
+        store = LocalFeatureStore(codebook.dim) if local_features else None
+        return cls(global_index, asmk_index, store)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -126,15 +209,26 @@ class TwoStageIndex:
     def contains(self, image_ids) -> np.ndarray:
         return self.global_index.contains(image_ids)
 
+    @property
+    def has_local_features(self) -> bool:
+        """Whether images' local features are kept (stage 3 available)."""
+        return self.local_store is not None
+
     def memory_bytes(self) -> int:
-        return int(self.global_index.memory_bytes() + self.asmk_index.memory_bytes())
+        """Bytes in RAM (a memory-mapped local feature store counts its look-up table only)."""
+        store = 0 if self.local_store is None else self.local_store.memory_bytes()
+        return int(self.global_index.memory_bytes() + self.asmk_index.memory_bytes() + store)
 
     # ------------------------------------------------------------------ mutation
-    def add(self, global_descriptors, image_ids, local_descriptors, local_image_ids) -> None:
+    def add(self, global_descriptors, image_ids, local_descriptors, local_image_ids,
+            local_geometry=None) -> None:
         """Add images: ``global_descriptors`` (n, Dg) for ``image_ids`` (n,) and their local
         descriptors (N, D) with the image id of each (N,). Every local id must be one of
-        ``image_ids``; an image may have no local descriptors. Atomic: on any error both indexes
-        are left as they were."""
+        ``image_ids``; an image may have no local descriptors. ``local_geometry`` (N, 3) float32
+        x, y (original image pixels), scale of each local descriptor: required by an index with
+        local features (``create(..., local_features=True)``), refused by one without.
+        Descriptors are quantized once, for the ASMK* index and the store. Atomic: on any error
+        every part is left as it was."""
         global_descriptors = check_descriptors(global_descriptors, dim=self.global_dim,
                                                name="global_descriptors")
         ids = check_ids(image_ids, length=global_descriptors.shape[0])
@@ -146,12 +240,34 @@ class TwoStageIndex:
         if foreign.any():
             raise ValueError(f"local_image_ids: {int(foreign.sum())} local descriptor(s) belong to "
                              f"images not being added, e.g. id {int(local_ids[foreign][0])}")
+        if self.local_store is None and local_geometry is not None:
+            raise ValueError("local_geometry: this index keeps no local features (create it with "
+                             "local_features=True to use spatial verification)")
+        if self.local_store is not None:
+            if local_geometry is None and local_ids.size:
+                raise ValueError("local_geometry: this index keeps local features for spatial "
+                                 "verification; pass (N, 3) x, y, scale of every local descriptor")
+            local_geometry = check_geometry(
+                np.empty((0, 3), np.float32) if local_geometry is None else local_geometry,
+                local_ids.size)
         self.global_index.add(global_descriptors, ids)     # validates ids; unchanged on error
         if local_ids.size == 0:
             return
+        added_asmk = False
         try:
-            self.asmk_index.add(local_descriptors, local_ids)
+            if self.local_store is None:
+                self.asmk_index.add(local_descriptors, local_ids)
+                return
+            codebook = self.asmk_index.codebook
+            words = codebook.quantize(local_descriptors, self.asmk_index.params.multiple_assignment)
+            self.asmk_index.add(local_descriptors, local_ids, words=words)
+            added_asmk = True
+            self.local_store.add(local_ids, words[:, 0],
+                                 binary_signatures(local_descriptors, words[:, 0],
+                                                   codebook.centroids), local_geometry)
         except BaseException:
+            if added_asmk:
+                self.asmk_index.remove(np.unique(local_ids))
             self.global_index.remove(ids)
             raise
 
@@ -170,19 +286,30 @@ class TwoStageIndex:
         in_asmk = np.asarray(self.asmk_index.contains(ids), bool)
         if in_asmk.any():
             self.asmk_index.remove(ids[in_asmk])
+            if self.local_store is not None:
+                self.local_store.remove(ids[in_asmk])
         self.global_index.remove(ids)
 
     # ------------------------------------------------------------------ search
     def search(self, global_query, local_query=None, k: int = 10, shortlist: int = 100,
-               mode: str = "two_stage", global_weight: float = 0.0) -> SearchResult:
+               mode: str = "two_stage", global_weight: float = 0.0, *, fusion=None,
+               verify_top: int = 0, query_geometry=None, verification=None,
+               query_expansion: int | None = None, qe_alpha: float | None = None
+               ) -> SearchResult:
         """Rank images for one query: ``global_query`` (Dg,), ``local_query`` (n, D) (may be None
         in "global" mode). ``shortlist`` (raised to ``k`` if smaller) images are re-scored in
         "two_stage" mode. Returns a :class:`SearchResult` of at most ``k`` images, best first.
 
-        ``global_weight`` (two_stage mode): the shortlist is ranked by
+        ``global_weight`` (two_stage mode, ``fusion=None``): the shortlist is ranked by
         ``asmk_score + global_weight * global_score``; 0 (the default) ranks by ASMK* alone, ties
-        broken by the global score. A small weight keeps the first stage's evidence when the local
-        features are weak (e.g. untrained MDA heads); ``scores`` then hold the fused values."""
+        broken by the global score; ``scores`` then hold the fused values.
+
+        ``fusion`` (two_stage): None, "asmk", "global", a rule name of :mod:`fusion` or a
+        :class:`fusion.Fusion` (see the module docstring). ``verify_top`` (two_stage): spatially
+        verify the top R of the ranked shortlist, with ``query_geometry`` (n, 2) or (n, 3) x, y
+        [, scale] of the query's local descriptors (pixels) and ``verification`` a
+        :class:`verification.VerificationConfig` (None: its defaults). ``query_expansion``,
+        ``qe_alpha``: alpha-QE of the global query (None: the global index's options)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         global_weight = float(global_weight)
@@ -190,6 +317,10 @@ class TwoStageIndex:
             raise ValueError(f"global_weight must be a finite number >= 0, got {global_weight!r}")
         k = _positive_int(k, "k")
         shortlist = max(_positive_int(shortlist, "shortlist"), k)
+        verify_top = _non_negative_int(verify_top, "verify_top")
+        ranking = _ranking_rule(fusion, global_weight)
+        if mode != "two_stage" and (fusion is not None or verify_top):
+            raise ValueError(f"fusion and verify_top are options of mode 'two_stage', not {mode!r}")
         global_query = np.asarray(global_query)
         if global_query.ndim != 1:
             raise ValueError(f"global_query: expected one (Dg,) vector, got shape "
@@ -201,11 +332,43 @@ class TwoStageIndex:
         else:
             local_query = check_descriptors(local_query, dim=self.local_dim, name="local_query",
                                             allow_empty=True)
+        stage3 = None
+        if verify_top:
+            stage3 = self._stage3_query(local_query, query_geometry, verification)
+        start = time.perf_counter()
+        neighbors = (self.global_index.params.query_expansion if query_expansion is None
+                     else query_expansion)
+        if neighbors:
+            global_query = self.global_index.expand_query(global_query, neighbors, qe_alpha)
         if mode == "global":
-            return self._search_global(global_query, k)
+            return self._search_global(global_query, k, start)
         if mode == "asmk":
-            return self._search_asmk(global_query, local_query, k)
-        return self._search_two_stage(global_query, local_query, k, shortlist, global_weight)
+            return self._search_asmk(global_query, local_query, k, start)
+        return self._search_two_stage(global_query, local_query, k, shortlist, ranking, start,
+                                      verify_top, stage3)
+
+    def _stage3_query(self, local_query, query_geometry, verification):
+        """(prepared query features, config) for stage 3, or a clear error."""
+        from .verification import QueryFeatures, VerificationConfig   # OpenCV: imported on use
+        if self.local_store is None:
+            raise ValueError("verify_top: this index keeps no local features (create it with "
+                             "local_features=True and add images with local_geometry)")
+        if query_geometry is None:
+            raise ValueError("verify_top needs query_geometry: (n, 2) or (n, 3) x, y [, scale] "
+                             "of the query's local descriptors")
+        geometry = np.asarray(query_geometry)
+        if geometry.ndim != 2 or geometry.shape[1] not in (2, 3):
+            raise ValueError(f"query_geometry: expected (n, 2) or (n, 3), got {geometry.shape}")
+        xy = check_geometry(geometry[:, :2] if geometry.shape[1] == 3 else
+                            np.column_stack([geometry, np.zeros(geometry.shape[0])]),
+                            local_query.shape[0], name="query_geometry")[:, :2]
+        config = VerificationConfig() if verification is None else verification
+        if not isinstance(config, VerificationConfig):
+            raise TypeError(f"verification must be a VerificationConfig, got {type(config)}")
+        codebook = self.asmk_index.codebook
+        assignment = min(config.query_assignment, codebook.size)
+        words = codebook.quantize(local_query, assignment)
+        return QueryFeatures.from_descriptors(local_query, words, codebook.centroids, xy), config
 
     def _asmk_scores(self, local_query: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """ASMK* scores of ``ids`` (0 for images without local descriptors or an empty query)."""
@@ -217,23 +380,59 @@ class TwoStageIndex:
             scores[in_asmk] = self.asmk_index.score(local_query, ids[in_asmk])
         return scores
 
-    def _search_two_stage(self, global_query, local_query, k, shortlist,
-                          global_weight) -> SearchResult:
-        start = time.perf_counter()
-        candidates, global_scores = self.global_index.search(global_query, shortlist)
+    def _search_two_stage(self, global_query, local_query, k, shortlist, ranking, start,
+                          verify_top, stage3) -> SearchResult:
+        candidates, global_scores = self.global_index.search(global_query, shortlist,
+                                                             query_expansion=0)
         middle = time.perf_counter()
         asmk_scores = self._asmk_scores(local_query, candidates)
         global_scores = global_scores.astype(np.float64)
-        final_scores = asmk_scores + global_weight * global_scores if global_weight else asmk_scores
-        order = np.lexsort((-global_scores, -final_scores))[:k]
+        final_scores, order = _rank_shortlist(ranking, global_scores, asmk_scores)
         end = time.perf_counter()
+        inliers = verifications = None
+        if verify_top:
+            final_scores, order, inliers, verifications = self._verify_and_rerank(
+                stage3, candidates, global_scores, asmk_scores, final_scores, order, ranking,
+                verify_top)
+        order = order[:k]
+        done = time.perf_counter()
         return SearchResult(ids=candidates[order], scores=final_scores[order],
                             global_scores=global_scores[order], asmk_scores=asmk_scores[order],
                             mode="two_stage", stage1_seconds=middle - start,
-                            stage2_seconds=end - middle, shortlist_size=int(candidates.size))
+                            stage2_seconds=end - middle, shortlist_size=int(candidates.size),
+                            inliers=None if inliers is None else inliers[order],
+                            verifications=None if verifications is None
+                            else [verifications[i] for i in order],
+                            stage3_seconds=done - end)
 
-    def _search_asmk(self, global_query, local_query, k) -> SearchResult:
-        start = time.perf_counter()
+    def _verify_and_rerank(self, stage3, candidates, global_scores, asmk_scores, final_scores,
+                           order, ranking, verify_top):
+        """Stage 3 on the top ``verify_top`` of ``order``; returns (scores, order, inliers (n,)
+        -1 where not verified, verifications (n,) list) over the shortlist positions."""
+        from .verification import verify_images
+        query, config = stage3
+        top = order[:verify_top]
+        has_features = self.local_store.contains(candidates[top])
+        checked = top[has_features]
+        results = verify_images(query, [self.local_store.get(i) for i in candidates[checked]],
+                                config)
+        inliers = np.full(candidates.size, -1, np.int64)
+        inliers[top] = 0
+        verifications: list = [None] * candidates.size
+        for position, result in zip(checked, results):
+            inliers[position] = result.inliers
+            verifications[position] = result
+        if isinstance(ranking, Fusion):
+            final_scores = ranking(global_scores, asmk_scores, np.maximum(inliers, 0))
+            order = np.argsort(-final_scores, kind="stable")    # ties: global order
+        else:   # verified first, by inlier count; ties and the rest keep the stage-2 order
+            rank = np.empty(order.size, np.int64)
+            rank[order] = np.arange(order.size)
+            verified = inliers > 0
+            order = np.lexsort((rank, -np.where(verified, inliers, 0), ~verified))
+        return final_scores, order, inliers, verifications
+
+    def _search_asmk(self, global_query, local_query, k, start) -> SearchResult:
         if local_query.shape[0] == 0 or len(self.asmk_index) == 0:
             ids, asmk_scores = np.empty(0, np.int64), np.empty(0, np.float64)
         else:
@@ -241,15 +440,14 @@ class TwoStageIndex:
             ids = np.asarray(ids, np.int64)
             asmk_scores = np.asarray(asmk_scores, np.float64)
         middle = time.perf_counter()
-        global_scores = self.global_index.score(global_query, ids)
+        global_scores = self.global_index.score(global_query, ids, query_expansion=0)
         end = time.perf_counter()
         return SearchResult(ids=ids, scores=asmk_scores, global_scores=global_scores,
                             asmk_scores=asmk_scores, mode="asmk", stage1_seconds=middle - start,
                             stage2_seconds=end - middle, shortlist_size=int(ids.size))
 
-    def _search_global(self, global_query, k) -> SearchResult:
-        start = time.perf_counter()
-        ids, global_scores = self.global_index.search(global_query, k)
+    def _search_global(self, global_query, k, start) -> SearchResult:
+        ids, global_scores = self.global_index.search(global_query, k, query_expansion=0)
         end = time.perf_counter()
         return SearchResult(ids=ids, scores=global_scores, global_scores=global_scores,
                             asmk_scores=np.full(ids.shape[0], np.nan), mode="global",

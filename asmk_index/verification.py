@@ -1,0 +1,294 @@
+"""Spatial verification (stage 3): tentative correspondences by visual word and Hamming distance,
+then a robust geometric fit (OpenCV's USAC / RANSAC) whose inliers score the image.
+
+Functional API::
+
+    pairs, hamming = tentative_matches(query_words, query_signatures, db_words, db_signatures,
+                                       max_hamming=...)            # (k, 2) (query i, db j)
+    result = verify(query_xy, db_xy, pairs, model="affine", threshold_px=...)
+    result.inliers, result.query_xy, result.db_xy, result.model  # count, (m, 2), (m, 2), 3x3
+
+Batched for one query against many images (what :class:`TwoStageIndex` uses)::
+
+    query = QueryFeatures.from_descriptors(descriptors, words, centroids, xy)
+    results = verify_images(query, [store.get(i) for i in ids], VerificationConfig())
+
+A tentative correspondence pairs query feature ``i`` and database feature ``j`` when ``j``'s word is
+one of ``i``'s words (the query may carry several: multiple assignment) and the Hamming distance
+between ``i``'s signature for that word and ``j``'s signature is at most ``max_hamming`` (signatures:
+:func:`local_store.binary_signatures`). With ``one_to_one`` each query feature then keeps its
+closest database feature (smallest distance, ties by order) and each database feature its
+closest remaining query feature, so a burst of similar features counts once.
+
+The model maps query pixels to database pixels; an inlier's reprojection error in the database
+image is at most ``threshold_px`` (original image pixels). An image is verified when at least
+``min_inliers`` correspondences are inliers; otherwise its result has 0 inliers and no model.
+
+Defaults (:class:`VerificationConfig`) were chosen on ukbench-dev (real photos, untrained MDA heads
+with PCA-whitened reduction, 3 scales, longer side 512, 1024 words) with benchmarks/verification.py;
+grocery-dev was not used to choose them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+MODELS = ("affine", "homography")
+# robust estimators of OpenCV that estimateAffine2D / findHomography accept, by name
+ESTIMATORS = {"magsac": cv2.USAC_MAGSAC, "accurate": cv2.USAC_ACCURATE, "usac": cv2.USAC_DEFAULT,
+              "ransac": cv2.RANSAC}
+MIN_CORRESPONDENCES = {"affine": 3, "homography": 4}   # points a model needs
+AFFINE_REFINE_ITERATIONS = 10                          # Levenberg-Marquardt steps after RANSAC
+
+
+@dataclass(frozen=True)
+class VerificationConfig:
+    """Parameters of stage 3 (defaults chosen on ukbench-dev, see the module docstring).
+
+    max_hamming: largest Hamming distance between two signatures of a correspondence (of D bits).
+    query_assignment: how many of the query's nearest words (multiple assignment) propose
+        correspondences (at most the number the caller quantized).
+    one_to_one: keep each query and each database feature in at most one correspondence.
+    model: "affine" (6 dof) or "homography" (8 dof), query pixels -> database pixels.
+    threshold_px: reprojection error (database image pixels) of an inlier.
+    min_inliers: fewer inliers than this: the image is not verified (0 inliers).
+    estimator: one of ``ESTIMATORS`` (OpenCV method).
+    max_iterations, confidence: the estimator's iteration cap and stopping confidence.
+    """
+
+    max_hamming: int = 48
+    query_assignment: int = 1
+    one_to_one: bool = True
+    model: str = "affine"
+    threshold_px: float = 12.0
+    min_inliers: int = 6
+    estimator: str = "magsac"
+    max_iterations: int = 1000
+    confidence: float = 0.99
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {tuple(ESTIMATORS)}, got "
+                             f"{self.estimator!r}")
+        for name in ("max_hamming",):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        for name in ("query_assignment", "min_inliers", "max_iterations"):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not (np.isfinite(self.threshold_px) and self.threshold_px > 0):
+            raise ValueError(f"threshold_px must be a positive number, got {self.threshold_px!r}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must lie in (0, 1), got {self.confidence!r}")
+
+
+@dataclass(frozen=True)
+class VerificationResult:
+    """Outcome of verifying one image.
+
+    inliers: number of inlier correspondences (0 when not verified).
+    pairs: (inliers, 2) int64 (query feature index, database feature index in the image's stored
+        order); query_xy, db_xy: (inliers, 2) float32 their pixel positions in each image.
+    model: (3, 3) float64 query -> database transform, or None when not verified.
+    tentative: number of tentative correspondences the fit started from.
+    """
+
+    inliers: int
+    pairs: np.ndarray
+    query_xy: np.ndarray
+    db_xy: np.ndarray
+    model: np.ndarray | None
+    tentative: int = 0
+
+    @classmethod
+    def rejected(cls, tentative: int = 0) -> "VerificationResult":
+        empty = np.empty((0, 2), np.float32)
+        return cls(0, np.empty((0, 2), np.int64), empty, empty.copy(), None, int(tentative))
+
+    @property
+    def verified(self) -> bool:
+        return self.inliers > 0
+
+
+# --------------------------------------------------------------------- correspondences
+def hamming_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise Hamming distances of packed signatures ``a``, ``b`` (K, B) uint8 -> (K,) int64."""
+    differing = np.bitwise_xor(a, b)
+    if differing.shape[1] % 8 == 0:            # popcount 64 bits at a time
+        differing = np.ascontiguousarray(differing).view(np.uint64)
+    return np.bitwise_count(differing).sum(axis=1, dtype=np.int64)
+
+
+def _first_by_key(keys: np.ndarray) -> np.ndarray:
+    """Positions of the first occurrence of each distinct key (``keys`` already in priority
+    order)."""
+    _, first = np.unique(keys, return_index=True)
+    return np.sort(first)
+
+
+@dataclass(frozen=True)
+class QueryFeatures:
+    """One query's local features prepared for matching: its (feature, word) entries sorted by
+    word. ``xy`` (n, 2) float32 pixels; ``entry_word`` (E,) int64, ``entry_feature`` (E,) int64,
+    ``entry_signature`` (E, B) uint8 with E = n x assignments used."""
+
+    xy: np.ndarray
+    entry_word: np.ndarray
+    entry_feature: np.ndarray
+    entry_signature: np.ndarray
+
+    @classmethod
+    def from_words(cls, words, signatures, xy=None) -> "QueryFeatures":
+        """``words`` (n, A) or (n,) integer ids, ``signatures`` (n, A, B) or (n, B) uint8 (one
+        signature per word: the residual differs per word), ``xy`` (n, 2) or None."""
+        words = np.asarray(words)
+        signatures = np.asarray(signatures)
+        if words.ndim == 1:
+            words, signatures = words[:, None], signatures[:, None]
+        n, assignments = words.shape
+        if signatures.shape[:2] != (n, assignments) or signatures.ndim != 3 \
+                or signatures.dtype != np.uint8:
+            raise ValueError(f"query signatures: expected ({n}, {assignments}, B) uint8 for words "
+                             f"of shape {words.shape}, got {signatures.shape} {signatures.dtype}")
+        flat_words = words.reshape(-1).astype(np.int64)
+        order = np.argsort(flat_words, kind="stable")
+        xy = np.zeros((n, 2), np.float32) if xy is None else np.asarray(xy, np.float32)
+        if xy.shape != (n, 2):
+            raise ValueError(f"query xy: expected ({n}, 2), got {xy.shape}")
+        return cls(xy=xy, entry_word=flat_words[order],
+                   entry_feature=(order // assignments).astype(np.int64),
+                   entry_signature=np.ascontiguousarray(
+                       signatures.reshape(n * assignments, -1)[order]))
+
+    @classmethod
+    def from_descriptors(cls, descriptors, words, centroids, xy=None) -> "QueryFeatures":
+        """From descriptors (n, D) and their words (n, A): signatures computed here."""
+        from .local_store import binary_signatures
+        return cls.from_words(words, binary_signatures(descriptors, words, centroids), xy)
+
+
+def _match_concatenated(query: QueryFeatures, db_words, db_signatures, db_image, max_hamming,
+                        one_to_one) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Correspondences of the query with database features of several images concatenated
+    (``db_image`` (M,) the image number of each): (query feature (k,), database row (k,),
+    Hamming (k,)) sorted by image, then database row."""
+    db_words = np.asarray(db_words, np.int64)
+    low = np.searchsorted(query.entry_word, db_words, side="left")
+    counts = np.searchsorted(query.entry_word, db_words, side="right") - low
+    total = int(counts.sum())
+    if total == 0:
+        empty = np.empty(0, np.int64)
+        return empty, empty, empty
+    db_row = np.repeat(np.arange(db_words.size), counts)
+    first_entry = np.repeat(low - (np.cumsum(counts) - counts), counts)
+    entry = first_entry + np.arange(total)
+    hamming = hamming_distances(query.entry_signature[entry], db_signatures[db_row])
+    keep = hamming <= max_hamming
+    db_row, entry, hamming = db_row[keep], entry[keep], hamming[keep]
+    query_feature = query.entry_feature[entry]
+    if one_to_one and db_row.size:
+        n_query = query.xy.shape[0]
+        order = np.lexsort((hamming,))                      # closest first, stable
+        db_row, query_feature, hamming = db_row[order], query_feature[order], hamming[order]
+        pick = _first_by_key(db_image[db_row] * n_query + query_feature)
+        db_row, query_feature, hamming = db_row[pick], query_feature[pick], hamming[pick]
+        pick = _first_by_key(db_row)
+        db_row, query_feature, hamming = db_row[pick], query_feature[pick], hamming[pick]
+    order = np.argsort(db_row, kind="stable")
+    return query_feature[order], db_row[order], hamming[order]
+
+
+def tentative_matches(query_words, query_signatures, db_words, db_signatures, max_hamming: int,
+                      *, one_to_one: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Correspondences between one query and one database image (see module docstring).
+
+    ``query_words`` (n, A) or (n,), ``query_signatures`` (n, A, B) or (n, B) uint8, ``db_words``
+    (m,), ``db_signatures`` (m, B) uint8 -> (pairs (k, 2) int64 (query i, db j), hamming (k,)).
+    """
+    query = QueryFeatures.from_words(query_words, query_signatures)
+    db_words = np.asarray(db_words)
+    db_signatures = np.asarray(db_signatures)
+    if db_signatures.shape != (db_words.shape[0], query.entry_signature.shape[1]):
+        raise ValueError(f"db_signatures: expected ({db_words.shape[0]}, "
+                         f"{query.entry_signature.shape[1]}), got {db_signatures.shape}")
+    query_feature, db_row, hamming = _match_concatenated(
+        query, db_words, db_signatures, np.zeros(db_words.shape[0], np.int64), int(max_hamming),
+        one_to_one)
+    return np.stack([query_feature, db_row], axis=1), hamming
+
+
+# --------------------------------------------------------------------- geometry
+def verify(query_xy, db_xy, pairs, *, model: str = "affine", threshold_px: float = 12.0,
+           min_inliers: int = 6, estimator: str = "magsac", max_iterations: int = 1000,
+           confidence: float = 0.99) -> VerificationResult:
+    """Robust fit of ``model`` to the correspondences ``pairs`` (k, 2) between ``query_xy``
+    (n, 2) and ``db_xy`` (m, 2) pixel positions; the inliers (reprojection error at most
+    ``threshold_px`` in the database image) score the image. Fewer than ``min_inliers``
+    (or too few correspondences for the model): a rejected result."""
+    config = VerificationConfig(model=model, threshold_px=float(threshold_px),
+                                min_inliers=int(min_inliers), estimator=estimator,
+                                max_iterations=int(max_iterations), confidence=float(confidence))
+    return _fit(np.asarray(query_xy, np.float32), np.asarray(db_xy, np.float32),
+                np.asarray(pairs, np.int64).reshape(-1, 2), config)
+
+
+def _fit(query_xy: np.ndarray, db_xy: np.ndarray, pairs: np.ndarray,
+         config: VerificationConfig) -> VerificationResult:
+    tentative = int(pairs.shape[0])
+    if tentative < max(config.min_inliers, MIN_CORRESPONDENCES[config.model]):
+        return VerificationResult.rejected(tentative)
+    source = np.ascontiguousarray(query_xy[pairs[:, 0]], np.float32)
+    target = np.ascontiguousarray(db_xy[pairs[:, 1]], np.float32)
+    method = ESTIMATORS[config.estimator]
+    if config.model == "affine":
+        matrix, mask = cv2.estimateAffine2D(
+            source, target, method=method, ransacReprojThreshold=config.threshold_px,
+            maxIters=config.max_iterations, confidence=config.confidence,
+            refineIters=AFFINE_REFINE_ITERATIONS)
+        if matrix is not None:
+            matrix = np.vstack([matrix, [0.0, 0.0, 1.0]])
+    else:
+        matrix, mask = cv2.findHomography(source, target, method, config.threshold_px,
+                                          maxIters=config.max_iterations,
+                                          confidence=config.confidence)
+    if matrix is None or mask is None:
+        return VerificationResult.rejected(tentative)
+    inlier = mask.reshape(-1).astype(bool)
+    if int(inlier.sum()) < config.min_inliers:
+        return VerificationResult.rejected(tentative)
+    chosen = pairs[inlier]
+    return VerificationResult(int(inlier.sum()), chosen, source[inlier], target[inlier],
+                              np.asarray(matrix, np.float64), tentative)
+
+
+def verify_images(query: QueryFeatures, images, config: VerificationConfig | None = None,
+                  ) -> list[VerificationResult]:
+    """Verify one prepared query against several images' stored features
+    (:class:`local_store.ImageFeatures`, e.g. ``store.get(id)``): one result per image, in order.
+    Matching runs once over all images' features; the fit runs per image."""
+    config = config or VerificationConfig()
+    images = list(images)
+    if not images:
+        return []
+    sizes = np.array([len(image) for image in images], np.int64)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    db_image = np.repeat(np.arange(len(images)), sizes)
+    query_feature, db_row, _ = _match_concatenated(
+        query, np.concatenate([image.words for image in images]),
+        np.concatenate([image.signatures for image in images]), db_image, config.max_hamming,
+        config.one_to_one)
+    cuts = np.searchsorted(db_row, bounds)
+    results = []
+    for number, image in enumerate(images):
+        part = slice(cuts[number], cuts[number + 1])
+        pairs = np.stack([query_feature[part], db_row[part] - bounds[number]], axis=1)
+        results.append(_fit(query.xy, np.asarray(image.xy), pairs, config))
+    return results
+
+
+__all__ = ["ESTIMATORS", "MODELS", "QueryFeatures", "VerificationConfig", "VerificationResult",
+           "hamming_distances", "tentative_matches", "verify", "verify_images"]

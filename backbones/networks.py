@@ -138,8 +138,13 @@ class Backbone(nn.Module):
         """The backbone's stages in order (used by ``train_layers``)."""
         raise NotImplementedError
 
-    def features(self, normalized: torch.Tensor) -> torch.Tensor:
+    def tap_features(self, normalized: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every tap up to ``config.tap`` from one forward: ``{"stride16": map[, "stride32": map]}``."""
         raise NotImplementedError
+
+    def features(self, normalized: torch.Tensor) -> torch.Tensor:
+        """The map of ``config.tap`` of normalised images."""
+        return self.tap_features(normalized)[self.config.tap]
 
     # -- common ---------------------------------------------------------------------------------
     def _load_configured_weights(self, native: nn.Module, native_ignore: tuple[str, ...]) -> None:
@@ -163,10 +168,24 @@ class Backbone(nn.Module):
         """Apply this backbone's input normalisation to RGB images in [0, 1]."""
         return (images - self.input_mean) / self.input_std
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _normalized_input(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"Backbone expects (B, 3, H, W) RGB images, got shape {tuple(images.shape)}")
-        return self.features(self.normalize(images.to(self.input_mean.dtype)))
+        return self.normalize(images.to(self.input_mean.dtype))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(self._normalized_input(images))
+
+    def forward_taps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W) RGB in [0, 1] -> every tap up to ``config.tap`` from ONE forward pass:
+        ``{"stride16": (B, C16, ceil(H/16), ceil(W/16))[, "stride32": (B, C32, ...)]}``."""
+        return self.tap_features(self._normalized_input(images))
+
+    @property
+    def tap_channels(self) -> dict[str, int]:
+        """Channels of every tap this backbone gives (``forward_taps``' keys)."""
+        return {tap: TAP_CHANNELS[(self.config.name, tap)] for tap in TAPS
+                if TAPS[tap] <= self.stride}
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """Spatial size of the feature map for an input of ``height x width``."""
@@ -183,6 +202,15 @@ class Backbone(nn.Module):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     for parameter in module.parameters():
                         parameter.requires_grad_(False)
+
+    def set_trainable_stages(self, count: int | None) -> None:
+        """Train only the last ``count`` stages (None: all, 0: none): the others get
+        ``requires_grad`` off and stay in eval mode (``freeze_bn`` still applies)."""
+        self.config.train_layers = count
+        for parameter in self.parameters():
+            parameter.requires_grad_(True)
+        self._apply_trainability()
+        self.train(self.training)
 
     def frozen_stage_modules(self) -> list[nn.Module]:
         """Stages frozen by ``config.train_layers`` (all but the last ``train_layers``)."""
@@ -260,17 +288,20 @@ class EfficientNetLiteBackbone(Backbone):
             stages.append(self.head)
         return stages
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def tap_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        taps = {}
         x = self.stem(x)
         index = 0
-        for stage in self.blocks:
+        for stage, stage_stride in zip(self.blocks, self.stage_strides):
             for block in stage:
                 rate = self.drop_connect_rate * index / self.n_blocks_total if block.training else None
                 x = block(x, drop_connect_rate=rate)
                 index += 1
+            if stage_stride == TAPS["stride16"]:
+                taps["stride16"] = x  # the last stride-16 stage's output wins
         if self.head is not None:
-            x = self.head(x)
-        return x
+            taps["stride32"] = self.head(x)
+        return taps
 
 
 class ResNetBackbone(Backbone):
@@ -297,11 +328,14 @@ class ResNetBackbone(Backbone):
     def stage_modules(self) -> list[nn.Module]:
         return [self.stem, *self.layers]
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def tap_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.stem(x)
-        for layer in self.layers:
+        for layer in self.layers[:3]:
             x = layer(x)
-        return x
+        taps = {"stride16": x}                      # layer3
+        if len(self.layers) > 3:
+            taps["stride32"] = self.layers[3](x)    # layer4
+        return taps
 
 
 def packaged_weights_path(name: str) -> Path:

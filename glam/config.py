@@ -1,4 +1,4 @@
-"""All GLAM settings in one place: model (`GlamConfig`), extraction (`ExtractionConfig`), training (`TrainConfig`)."""
+"""All GLAM settings in one place: model (`GlamConfig`) and extraction (`ExtractionConfig`)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ from typing import Any, Optional, Tuple
 
 from backbones.networks import BackboneConfig
 
-__all__ = ["GlamConfig", "ExtractionConfig", "TrainConfig", "ATTENTION_SWITCHES", "identity_fusion_logits"]
+__all__ = ["GlamConfig", "ExtractionConfig", "ATTENTION_SWITCHES", "identity_fusion_logits"]
 
 ATTENTION_SWITCHES = ("local_channel", "local_spatial", "global_channel", "global_spatial")
 
@@ -122,55 +122,3 @@ class ExtractionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"scales": list(self.scales), "max_size": self.max_size, "min_size": self.min_size}
-
-
-@dataclass
-class TrainConfig:
-    """GLAM training.
-
-    mode: "arcface" (GLDv2-style csv of image, landmark), "contrastive" (csv of image pairs with a
-        0/1 label) or "unlabelled" (a folder; two augmented views are a positive pair, the hardest
-        in-batch other images are the negatives).
-    arcface_scale, arcface_margin: ArcFace s and m.
-    contrastive_margin, num_negatives: contrastive loss margin and hard negatives per anchor.
-    image_size: training crops are image_size x image_size (unlabelled: the augmentation output size).
-    optimizer: "adam" or "sgd"; lr, weight_decay, momentum (sgd); backbone_lr_scale multiplies the
-        backbone's lr; warmup_epochs of linear warm-up then cosine decay.
-    whitening_images: images used to initialise the FC by PCA-whitening before training (0: keep).
-    checkpoint_every: batches between mid-epoch checkpoints (0: only at epoch ends).
-    """
-
-    mode: str = "arcface"
-    epochs: int = 10
-    batch_size: int = 32
-    image_size: int = 512
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    backbone_lr_scale: float = 0.1
-    weight_decay: float = 1e-6
-    momentum: float = 0.9
-    warmup_epochs: float = 0.5
-    arcface_scale: float = 30.0
-    arcface_margin: float = 0.15
-    contrastive_margin: float = 0.7
-    num_negatives: int = 1
-    grad_clip_norm: float = 10.0
-    whitening_images: int = 2000
-    num_workers: int = 2
-    seed: int = 0
-    log_every: int = 20
-    checkpoint_every: int = 0
-    amp: bool = True
-
-    MODES = ("arcface", "contrastive", "unlabelled")
-
-    def __post_init__(self) -> None:
-        if self.mode not in self.MODES:
-            raise ValueError(f"unknown training mode {self.mode!r}; use one of {self.MODES}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)

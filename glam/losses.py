@@ -99,25 +99,44 @@ class ContrastiveLoss(nn.Module):
         return contrastive_loss(anchors, others, is_positive, self.margin)
 
 
+def paired_contrastive_loss(anchors: torch.Tensor, positives: torch.Tensor, labels: torch.Tensor,
+                            margin: float = 0.7) -> torch.Tensor:
+    """Contrastive loss of labelled pairs with hardest in-batch negatives: (anchors[i], positives[i])
+    are positives (both of class labels[i]); every one of the 2P descriptors also gets its hardest
+    negative among the batch's descriptors of other classes (`imagedata.datasets.hardest_negatives`).
+
+    Args:
+        anchors, positives: (P, D) L2-normalised descriptors; labels: (P,) class of each pair, at
+            least two classes.
+    Returns:
+        scalar contrastive loss over P positive and 2P negative pairs.
+    """
+    from imagedata.datasets import hardest_negatives
+
+    if anchors.shape != positives.shape or anchors.dim() != 2 or anchors.shape[0] < 2:
+        raise ValueError(f"pairs must both be (P >= 2, D), got {tuple(anchors.shape)}, {tuple(positives.shape)}")
+    if labels.shape != anchors.shape[:1]:
+        raise ValueError(f"labels must be ({anchors.shape[0]},), got {tuple(labels.shape)}")
+    count = anchors.shape[0]
+    pool = torch.cat([anchors, positives], dim=0)
+    negatives = hardest_negatives(pool, torch.cat([labels, labels]))
+    if (negatives < 0).any():
+        raise ValueError("a batch needs pairs of at least two classes (no in-batch negative)")
+    is_positive = torch.cat([torch.ones(count), torch.zeros(2 * count)]).to(pool.device)
+    return contrastive_loss(torch.cat([anchors, pool]), torch.cat([positives, pool[negatives]]), is_positive,
+                            margin)
+
+
 def two_view_contrastive_loss(view_a: torch.Tensor, view_b: torch.Tensor, margin: float = 0.7) -> torch.Tensor:
-    """Unlabelled-folder loss: (view_a[i], view_b[i]) are positives; every one of the 2B descriptors
-    also gets its hardest in-batch negative (the most similar descriptor of another image, either
-    view; `imagedata.datasets.hardest_negatives`).
+    """Unlabelled-folder loss: (view_a[i], view_b[i]) are positives (two augmentations of image i);
+    every descriptor also gets its hardest in-batch negative (:func:`paired_contrastive_loss` with
+    one class per image).
 
     Args:
         view_a, view_b: (B, D) L2-normalised descriptors of two augmentations of the same B >= 2 images.
     Returns:
         scalar contrastive loss over B positive and 2B negative pairs.
     """
-    from imagedata.datasets import hardest_negatives
-
     if view_a.shape != view_b.shape or view_a.dim() != 2 or view_a.shape[0] < 2:
         raise ValueError(f"two views must both be (B >= 2, D), got {tuple(view_a.shape)}, {tuple(view_b.shape)}")
-    batch = view_a.shape[0]
-    pool = torch.cat([view_a, view_b], dim=0)  # (2B, D); image id = row % B
-    image_ids = torch.arange(2 * batch, device=pool.device) % batch
-    negatives = hardest_negatives(pool, image_ids)  # every row has one (B >= 2)
-    anchors = torch.cat([view_a, pool], dim=0)
-    others = torch.cat([view_b, pool[negatives]], dim=0)
-    is_positive = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).to(pool.device)
-    return contrastive_loss(anchors, others, is_positive, margin)
+    return paired_contrastive_loss(view_a, view_b, torch.arange(view_a.shape[0], device=view_a.device), margin)

@@ -20,35 +20,29 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GlamModel", "MODEL_FORMAT", "MODEL_VERSION"]
+__all__ = ["GlamModel", "GlamDescriptorHead", "MODEL_FORMAT", "MODEL_VERSION"]
 
 MODEL_FORMAT = "glam-global-descriptor"
-MODEL_VERSION = 1
+MODEL_VERSION = 2  # 2: the head parts live under descriptor_head.*
 
 
-class GlamModel(nn.Module):
-    """Global descriptor network: (B, 3, H, W) RGB in [0, 1] -> (B, output_dim) L2-normalised.
+class GlamDescriptorHead(nn.Module):
+    """Backbone map -> global descriptor: GLAM attention F_gl -> GeM -> FC (PCA-whitening init) -> L2.
 
-    backbone (B, C, h, w) -> GlamHead F_gl (B, C, h, w) -> GeM (B, C) -> FC (B, D) -> L2.
+    (B, C, h, w) -> (B, D). Shared by :class:`GlamModel` and the one-backbone retrieval model.
     Untrained it behaves like GeM: the fusion gives the identity path weight 0.98, and
-    `fit_whitening` sets the FC to a PCA-whitening learned from the user's images. With all four
-    attentions off (`GlamConfig().gem_baseline()`) it *is* backbone + GeM + FC + L2.
-
-    Args:
-        config: GlamConfig (default: EfficientNet-Lite0 stride32, all attentions on, 512-d).
-        backbone: an already built backbone to use instead of building `config.backbone`.
+    :meth:`fit_whitening_from_descriptors` sets the FC to a PCA-whitening learned from pooled
+    descriptors of the user's images.
     """
 
-    def __init__(self, config: Optional[GlamConfig] = None, *, backbone: Optional[Backbone] = None):
+    def __init__(self, channels: int, config: GlamConfig):
         super().__init__()
-        self.config = config = config or GlamConfig()
-        self.backbone = backbone if backbone is not None else build_backbone(config.backbone)
-        channels = self.backbone.out_channels
         if config.output_dim > channels:
             raise ValueError(
                 f"output_dim {config.output_dim} exceeds the backbone's {channels} channels "
                 f"({config.backbone.name} {config.backbone.tap}); use output_dim <= {channels}")
-        self.head = GlamHead(
+        self.config = config
+        self.attention = GlamHead(
             channels,
             **config.switches,
             kernel_size=config.conv1d_kernel_size,
@@ -64,6 +58,75 @@ class GlamModel(nn.Module):
             nn.init.orthogonal_(self.fc.weight)
             self.fc.bias.zero_()
         self.register_buffer("whitening_fitted", torch.tensor(False))
+
+    @property
+    def output_dim(self) -> int:
+        return self.config.output_dim
+
+    def pooled(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) backbone map -> GeM of F_gl (B, C), before the FC."""
+        return self.pool(self.attention(feature_map))
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, C) pooled -> (B, D) FC + L2."""
+        return l2n(self.fc(pooled))
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.project(self.pooled(feature_map))
+
+    @torch.no_grad()
+    def fit_whitening_from_descriptors(self, pooled: Union[torch.Tensor, "np.ndarray"]) -> None:
+        """Set the FC to the PCA-whitening of pooled (pre-FC) descriptors (N, C).
+
+        Each kept eigenvalue gets whitening_shrinkage x (mean of the kept eigenvalues) added before
+        the division (so a handful of images cannot collapse onto a simplex); whitening_power 0.5
+        whitens, 0 only rotates.
+        """
+        features = torch.as_tensor(pooled).detach().cpu().double()
+        if features.dim() != 2 or features.shape[1] != self.fc.in_features:
+            raise ValueError(f"pooled descriptors must be (N, {self.fc.in_features}), got {tuple(features.shape)}")
+        if features.shape[0] < 2:
+            raise ValueError("fit_whitening needs at least 2 descriptors (images x scales)")
+        if features.shape[0] < self.output_dim:
+            logger.warning("fit_whitening: %d descriptors for %d output dims; components beyond the "
+                           "data's rank are regularised by whitening_shrinkage", features.shape[0], self.output_dim)
+        # Regulariser: whitening_shrinkage x the mean of the eigenvalues the FC keeps (at most N - 1
+        # carry variance), so with few images the whitening softens instead of collapsing them.
+        centred = features - features.mean(dim=0)
+        eigenvalues = torch.linalg.svdvals(centred).square() / features.shape[0]  # descending
+        kept = min(self.output_dim, features.shape[0] - 1)
+        reference = float(eigenvalues[:kept].mean())
+        power = self.config.whitening_power
+        weight, bias = learn_pca_whitening(
+            features, self.output_dim, whiten=power > 0, power=power,
+            eps=max(self.config.whitening_shrinkage * reference, 1e-12),
+        )
+        init_linear_from_pca(self.fc, weight, bias)
+        self.whitening_fitted.fill_(True)
+
+
+class GlamModel(nn.Module):
+    """Global descriptor network: (B, 3, H, W) RGB in [0, 1] -> (B, output_dim) L2-normalised.
+
+    backbone (B, C, h, w) -> :class:`GlamDescriptorHead` (GLAM F_gl -> GeM -> FC -> L2). With all
+    four attentions off (`GlamConfig().gem_baseline()`) it *is* backbone + GeM + FC + L2.
+
+    Args:
+        config: GlamConfig (default: EfficientNet-Lite0 stride32, all attentions on, 512-d).
+        backbone: an already built backbone to use instead of building `config.backbone`.
+    """
+
+    def __init__(self, config: Optional[GlamConfig] = None, *, backbone: Optional[Backbone] = None):
+        super().__init__()
+        self.config = config = config or GlamConfig()
+        self.backbone = backbone if backbone is not None else build_backbone(config.backbone)
+        self.descriptor_head = GlamDescriptorHead(self.backbone.out_channels, config)
+
+    # the descriptor head's parts, by their usual names
+    head = property(lambda self: self.descriptor_head.attention)
+    pool = property(lambda self: self.descriptor_head.pool)
+    fc = property(lambda self: self.descriptor_head.fc)
+    whitening_fitted = property(lambda self: self.descriptor_head.whitening_fitted)
 
     @classmethod
     def gem_baseline_of(cls, model: "GlamModel") -> "GlamModel":
@@ -89,14 +152,14 @@ class GlamModel(nn.Module):
 
     def pooled(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> GeM of F_gl (B, C), before the FC."""
-        return self.pool(self.feature_map(images))
+        return self.descriptor_head.pooled(self.backbone(images))
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, C) pooled -> (B, D) FC + L2."""
-        return l2n(self.fc(pooled))
+        return self.descriptor_head.project(pooled)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.project(self.pooled(images))
+        return self.descriptor_head(self.backbone(images))
 
     # ---------------------------------------------------------------------------------- whitening
     @torch.no_grad()
@@ -144,35 +207,9 @@ class GlamModel(nn.Module):
         logger.info("fit_whitening: %d images", used)
         return used
 
-    @torch.no_grad()
     def fit_whitening_from_descriptors(self, pooled: Union[torch.Tensor, "np.ndarray"]) -> None:
-        """Set the FC to the PCA-whitening of pooled (pre-FC) descriptors (N, C).
-
-        Each kept eigenvalue gets whitening_shrinkage x (mean of the kept eigenvalues) added before
-        the division (so a handful of images cannot collapse onto a simplex); whitening_power 0.5
-        whitens, 0 only rotates.
-        """
-        features = torch.as_tensor(pooled).detach().cpu().double()
-        if features.dim() != 2 or features.shape[1] != self.fc.in_features:
-            raise ValueError(f"pooled descriptors must be (N, {self.fc.in_features}), got {tuple(features.shape)}")
-        if features.shape[0] < 2:
-            raise ValueError("fit_whitening needs at least 2 descriptors (images x scales)")
-        if features.shape[0] < self.output_dim:
-            logger.warning("fit_whitening: %d descriptors for %d output dims; components beyond the "
-                           "data's rank are regularised by whitening_shrinkage", features.shape[0], self.output_dim)
-        # Regulariser: whitening_shrinkage x the mean of the eigenvalues the FC keeps (at most N - 1
-        # carry variance), so with few images the whitening softens instead of collapsing them.
-        centred = features - features.mean(dim=0)
-        eigenvalues = torch.linalg.svdvals(centred).square() / features.shape[0]  # descending
-        kept = min(self.output_dim, features.shape[0] - 1)
-        reference = float(eigenvalues[:kept].mean())
-        power = self.config.whitening_power
-        weight, bias = learn_pca_whitening(
-            features, self.output_dim, whiten=power > 0, power=power,
-            eps=max(self.config.whitening_shrinkage * reference, 1e-12),
-        )
-        init_linear_from_pca(self.fc, weight, bias)
-        self.whitening_fitted.fill_(True)
+        """See :meth:`GlamDescriptorHead.fit_whitening_from_descriptors`."""
+        self.descriptor_head.fit_whitening_from_descriptors(pooled)
 
     # ---------------------------------------------------------------------------------- persistence
     def checkpoint(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Public API::
 
-    from mda import MdaConfig, ExtractionConfig, TrainConfig, MdaModel
+    from mda import MdaConfig, ExtractionConfig, MdaModel
     model = MdaModel(MdaConfig())                      # EfficientNet-Lite0 stride16, 4 heads, 128-d
     model.fit_reduction(paths, max_images=1000)        # PCA-whitening init of the 128-d reduction
     model.save("mda.pt"); model = MdaModel.load("mda.pt")
@@ -10,13 +10,14 @@ Public API::
     extract_folder(model, "photos/", "local.h5", config=ExtractionConfig())
     visualize_local_features(model, "photo.jpg", "attention.png")
 
-Training: :func:`mda.train.train` / ``python -m mda.train --help``.
+Training: the retrieval model's trainer (``retrieval.training``, ``pipelines/train.py``) trains this
+head, alone (``train.global_loss: none``) or with the GLAM head on one backbone.
 """
-from .config import ExtractionConfig, MdaConfig, TrainConfig, load_yaml, save_yaml
+from .config import ExtractionConfig, MdaConfig, load_yaml, save_yaml
 from .extract import LOCAL_FIELDS, LocalFeatures, extract_folder, extract_local_features
 from .model import MdaModel, MultipleDynamicAttention
 from .visualize import visualize_local_features
 
-__all__ = ["ExtractionConfig", "MdaConfig", "TrainConfig", "load_yaml", "save_yaml", "LOCAL_FIELDS",
+__all__ = ["ExtractionConfig", "MdaConfig", "load_yaml", "save_yaml", "LOCAL_FIELDS",
            "LocalFeatures", "extract_folder", "extract_local_features", "MdaModel", "MultipleDynamicAttention",
            "visualize_local_features"]

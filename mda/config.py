@@ -1,4 +1,4 @@
-"""Configuration of the MDA local-feature model, its multi-scale extraction and its training.
+"""Configuration of the MDA local-feature model and its multi-scale extraction.
 
 All numbers of the method live here (one place); every reading of the paper that the seed leaves
 open (its equations were lost, see ``shared/DESIGN.md``) is a field, so it can be switched.
@@ -7,7 +7,6 @@ open (its equations were lost, see ``shared/DESIGN.md``) is a field, so it can b
 * :class:`ExtractionConfig`: test-time multi-scale pyramid and top-n selection (HOW's defaults:
   ``image_size 1024``, ``scales [2.0, 1.414, 1.0, 0.707, 0.5, 0.353, 0.25]``, ``features_num 1000``
   in ``gtolias/how`` ``examples/params/eccv20/_eval_how.yml``).
-* :class:`TrainConfig`: contrastive + diversity training (HOW's margin 0.8, Adam, weight decay 1e-4).
 
 ``to_dict`` / ``*.from_dict`` give plain dicts (stored inside model files and checkpoints);
 :func:`save_yaml` / :func:`load_yaml` write and read them as YAML.
@@ -110,47 +109,6 @@ class ExtractionConfig:
         return _from_dict(cls, data)
 
 
-@dataclass
-class TrainConfig:
-    """Training with a contrastive loss per head plus ``diversity_weight`` x Hellinger penalty.
-
-    margin: contrastive margin on L2 distances of the heads' global descriptors (HOW: 0.8).
-    diversity_weight: lambda of the diversity penalty.
-    image_size: training images are resized to image_size x image_size (square, so batches stack;
-        imagedata.datasets.TrainImageConfig); also the max side for fit_reduction in the CLI.
-    batch_size: pairs (labelled) or images (unlabelled: each gives two augmented views) per step.
-    train_backbone: False freezes the backbone (head-only training).
-    checkpoint_every: steps between checkpoints (0 = only at the end of each epoch).
-    """
-
-    margin: float = 0.8
-    diversity_weight: float = 1.0
-    lr: float = 1e-5
-    head_lr_multiplier: float = 10.0
-    weight_decay: float = 1e-4
-    lr_gamma: float = 0.99
-    batch_size: int = 8
-    epochs: int = 20
-    steps_per_epoch: int | None = None
-    image_size: int = 512
-    train_backbone: bool = True
-    checkpoint_every: int = 0
-    num_workers: int = 2
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.margin <= 0:
-            raise ValueError(f"TrainConfig.margin must be > 0, got {self.margin}")
-        if self.diversity_weight < 0:
-            raise ValueError(f"TrainConfig.diversity_weight must be >= 0, got {self.diversity_weight}")
-        if self.batch_size < 2:
-            raise ValueError(f"TrainConfig.batch_size must be >= 2 (in-batch negatives), got {self.batch_size}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        return _from_dict(cls, data)
-
-
 def to_dict(config: Any) -> dict[str, Any]:
     """A config dataclass as a plain (YAML/torch.save friendly) dict; tuples become lists."""
     def plain(value: Any) -> Any:
@@ -180,11 +138,11 @@ def save_yaml(path: str | os.PathLike, **configs: Any) -> None:
     os.replace(tmp, path)
 
 
-_SECTIONS = {"model": MdaConfig, "extraction": ExtractionConfig, "train": TrainConfig}
+_SECTIONS = {"model": MdaConfig, "extraction": ExtractionConfig}
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML written by :func:`save_yaml`; sections ``model``, ``extraction``, ``train``
+    """Read a YAML written by :func:`save_yaml`; sections ``model``, ``extraction``
     become their dataclasses (missing keys take the defaults), other sections stay dicts."""
     path = Path(path)
     data = yaml.safe_load(path.read_text()) or {}

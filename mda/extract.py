@@ -141,6 +141,63 @@ def _sync(device: torch.device) -> None:
 
 # --- extraction ----------------------------------------------------------------------------------
 
+@dataclass
+class PyramidLevel:
+    """One pyramid level's MDA maps of one image: attention (N, h, w), local (C_T, h, w)
+    unnormalised, its scale and ``factor`` = (original pixels per resized pixel along x, along y)."""
+
+    attention: torch.Tensor
+    local: torch.Tensor
+    scale: float
+    factor: tuple[float, float]
+
+
+def level_factor(original_size: tuple[int, int], resized: torch.Tensor) -> tuple[float, float]:
+    """(x, y) original pixels per pixel of ``resized`` (1, 3, h, w); ``original_size`` = (H, W)."""
+    return original_size[1] / resized.shape[-1], original_size[0] / resized.shape[-2]
+
+
+def local_features_from_levels(levels: Sequence[PyramidLevel], *, stride: int, config: ExtractionConfig,
+                               image_size: tuple[int, int]) -> LocalFeatures:
+    """The top ``config.top_n`` features over every head and pyramid level (see the module
+    docstring); ``image_size`` = (height, width) of the original image."""
+    if not levels:
+        raise ValueError("no pyramid level to select local features from")
+    orig_h, orig_w = image_size
+    chosen = MF.select_top_locations([level.attention for level in levels], config.top_n,
+                                     unique_locations=config.unique_locations)
+    count = chosen.score.numel()
+    first = levels[0].local
+    descriptors = torch.empty(count, first.shape[0], device=first.device, dtype=torch.float32)
+    x = torch.empty(count, device=first.device)
+    y = torch.empty(count, device=first.device)
+    for index in chosen.scale_index.unique().tolist():
+        rows = torch.nonzero(chosen.scale_index == index).squeeze(1)
+        cols, lines = chosen.x[rows], chosen.y[rows]
+        level = levels[index]
+        descriptors[rows] = level.local[:, lines, cols].T.float()
+        fx, fy = level.factor
+        x[rows] = ((cols.float() + 0.5) * stride * fx).clamp(0, orig_w - 1)
+        y[rows] = ((lines.float() + 0.5) * stride * fy).clamp(0, orig_h - 1)
+    descriptors = F.normalize(descriptors, p=2, dim=1)
+    scale_values = torch.tensor([level.scale for level in levels], dtype=torch.float32)[chosen.scale_index.cpu()]
+    return LocalFeatures(
+        descriptors=descriptors.cpu().numpy(),
+        attention=chosen.score.float().cpu().numpy(),
+        head=chosen.head.cpu().numpy().astype(np.int64),
+        x=x.cpu().numpy().astype(np.float32),
+        y=y.cpu().numpy().astype(np.float32),
+        scale=scale_values.numpy(),
+        image_size=(orig_h, orig_w),
+    )
+
+
+def too_small_error(tensor: torch.Tensor, config: ExtractionConfig, stride: int) -> ValueError:
+    height, width = tensor.shape[-2:]
+    return ValueError(f"image of {width}x{height} pixels is too small for every scale {config.scales} "
+                      f"(stride {stride}, min_feature_side {config.min_feature_side})")
+
+
 @torch.no_grad()
 def extract_local_features(model, image: Any, *, config: ExtractionConfig | None = None,
                            device: torch.device | str | None = None) -> LocalFeatures:
@@ -159,50 +216,23 @@ def extract_local_features(model, image: Any, *, config: ExtractionConfig | None
     was_training = model.training
     model.eval()
     try:
-        tensor, (orig_h, orig_w) = prepare_image(image, max_size=config.max_size)
+        tensor, original = prepare_image(image, max_size=config.max_size)
         tensor = tensor.to(device)
-        height, width = tensor.shape[-2:]
         stride = int(model.stride)
-        maps, locals_, factors, scales_used, timings = [], [], [], [], {}
+        levels, timings = [], {}
         for scale, resized in pyramid(tensor, config.scales, min_side=stride * config.min_feature_side):
             _sync(device)
             tick = time.perf_counter()
             attention, local = model.features(resized)
             _sync(device)
             timings[scale] = time.perf_counter() - tick
-            maps.append(attention[0])
-            locals_.append(local[0])
-            # original pixels per resized pixel, per axis
-            factors.append((orig_w / resized.shape[-1], orig_h / resized.shape[-2]))
-            scales_used.append(scale)
-        if not maps:
-            raise ValueError(f"image of {width}x{height} pixels is too small for every scale {config.scales} "
-                             f"(stride {stride}, min_feature_side {config.min_feature_side})")
-        chosen = MF.select_top_locations(maps, config.top_n, unique_locations=config.unique_locations)
-        count = chosen.score.numel()
-        descriptors = torch.empty(count, locals_[0].shape[0], device=device)
-        x = torch.empty(count, device=device)
-        y = torch.empty(count, device=device)
-        for index in chosen.scale_index.unique().tolist():
-            rows = torch.nonzero(chosen.scale_index == index).squeeze(1)
-            cols, lines = chosen.x[rows], chosen.y[rows]
-            descriptors[rows] = locals_[index][:, lines, cols].T
-            fx, fy = factors[index]
-            x[rows] = ((cols.float() + 0.5) * stride * fx).clamp(0, orig_w - 1)
-            y[rows] = ((lines.float() + 0.5) * stride * fy).clamp(0, orig_h - 1)
-        descriptors = F.normalize(descriptors, p=2, dim=1)
-        scale_values = torch.tensor(scales_used, dtype=torch.float32)[chosen.scale_index.cpu()]
+            levels.append(PyramidLevel(attention[0], local[0], scale, level_factor(original, resized)))
+        if not levels:
+            raise too_small_error(tensor, config, stride)
+        features = local_features_from_levels(levels, stride=stride, config=config, image_size=original)
         timings["total"] = time.perf_counter() - start
-        return LocalFeatures(
-            descriptors=descriptors.float().cpu().numpy(),
-            attention=chosen.score.float().cpu().numpy(),
-            head=chosen.head.cpu().numpy().astype(np.int64),
-            x=x.cpu().numpy().astype(np.float32),
-            y=y.cpu().numpy().astype(np.float32),
-            scale=scale_values.numpy(),
-            image_size=(orig_h, orig_w),
-            timings=timings,
-        )
+        features.timings = timings
+        return features
     finally:
         model.train(was_training)
 

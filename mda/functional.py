@@ -120,6 +120,32 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, label: torch.Tensor, marg
     raise ValueError(f"contrastive_loss: reduction must be 'sum' or 'mean', got {reduction!r}")
 
 
+def head_descriptor_loss(anchors: torch.Tensor, positives: torch.Tensor, labels: torch.Tensor,
+                         margin: float) -> torch.Tensor:
+    """MDA's training loss on pairs of per-head descriptors: the contrastive loss of every head
+    (summed over heads, mean over pairs) of each (anchor, positive) pair (label 1) and of each
+    anchor with its hardest in-batch negative (label 0: the most similar descriptor of another
+    class, similarity = mean over heads of the dot products).
+
+    anchors, positives: (P, N, D) L2-normalised per head; labels: (P,) the class of each pair.
+    """
+    from imagedata.datasets import hardest_negatives
+
+    _check(anchors, 3, "anchors", "(P, N, D)")
+    if positives.shape != anchors.shape or labels.shape != anchors.shape[:1]:
+        raise ValueError(f"head_descriptor_loss: anchors {tuple(anchors.shape)}, positives "
+                         f"{tuple(positives.shape)} and labels {tuple(labels.shape)} do not match")
+    count, heads, dim = anchors.shape
+    pool = torch.cat([anchors, positives])                                            # (2P, N, D)
+    negatives = hardest_negatives(pool.reshape(2 * count, heads * dim) / heads ** 0.5,
+                                  torch.cat([labels, labels]))[:count]
+    if (negatives < 0).any():
+        raise ValueError("a batch needs pairs of at least two classes (no in-batch negative)")
+    pair_labels = torch.cat([torch.ones(count), torch.zeros(count)]).to(anchors.device)
+    return contrastive_loss(torch.cat([anchors, anchors]), torch.cat([positives, pool[negatives]]),
+                            pair_labels, margin, reduction="mean")
+
+
 @dataclass
 class Selection:
     """The locations kept by :func:`select_top_locations` (all (n,) tensors, best first)."""

@@ -95,6 +95,49 @@ class MultipleDynamicAttention(nn.Module):
             raise ValueError(f"MDA head: expected (B, {self.in_channels}, H, W) features, got {tuple(features.shape)}")
         return self.attention(features), self.reduction(self.pre_reduction(features))
 
+    @property
+    def descriptor_dim(self) -> int:
+        return int(self.reduction.out_channels)
+
+    @torch.no_grad()
+    def reduction_samples(self, backbone_maps: list[torch.Tensor], count: int) -> torch.Tensor:
+        """The ``count`` most attended pre-reduction features of one image, (M, C_s) float32 on
+        the CPU, from its backbone maps at every pyramid scale (each (1, C_s, h, w))."""
+        maps = [self.attention(backbone_map)[0] for backbone_map in backbone_maps]
+        features = [self.pre_reduction(backbone_map)[0] for backbone_map in backbone_maps]
+        chosen = MF.select_top_locations(maps, count)
+        samples = []
+        for index in chosen.scale_index.unique().tolist():
+            mask = chosen.scale_index == index
+            samples.append(features[index][:, chosen.y[mask], chosen.x[mask]].T.float().cpu())
+        return torch.cat(samples)
+
+    @torch.no_grad()
+    def fit_reduction(self, samples: torch.Tensor, *, whiten: bool = True) -> int:
+        """Initialise the reduction T by PCA(-whitening) of pre-reduction features (M, C_s).
+
+        When C_s is smaller than the descriptor size (EfficientNet-Lite0 stride16: 112 < 128) the
+        C_s principal components fill the first rows and the remaining output dimensions start
+        at zero (training may use them). Returns M.
+        """
+        from backbones.layers import init_linear_from_pca, learn_pca_whitening
+
+        descriptor_dim = self.descriptor_dim
+        components = min(descriptor_dim, self.in_channels)
+        if samples.shape[0] <= components:
+            raise ValueError(f"fit_reduction: {samples.shape[0]} feature vectors are too few to learn a "
+                             f"{components}-d PCA; give more images or features_per_image")
+        weight, bias = learn_pca_whitening(samples, components, whiten=whiten)
+        if components < descriptor_dim:
+            logger.info("fit_reduction: %d backbone channels < descriptor_dim %d; the last %d dims start at 0",
+                        components, descriptor_dim, descriptor_dim - components)
+            pad = descriptor_dim - components
+            weight = torch.cat([weight, weight.new_zeros(pad, weight.shape[1])])
+            bias = torch.cat([bias, bias.new_zeros(pad)])
+        init_linear_from_pca(self.reduction, weight, bias)
+        self.reduction_fitted.fill_(True)
+        return int(samples.shape[0])
+
 
 class MdaModel(nn.Module):
     """Backbone + MDA head.
@@ -170,17 +213,10 @@ class MdaModel(nn.Module):
                     break
                 used += 1
                 tensor = tensor.to(self.device)
-                maps, feats = [], []
-                for _scale, resized in pyramid(tensor, scales, min_side=self.stride):
-                    backbone_map = self.backbone(resized)
-                    maps.append(self.head.attention(backbone_map)[0])
-                    feats.append(self.head.pre_reduction(backbone_map)[0])
-                if not maps:
-                    continue
-                chosen = MF.select_top_locations(maps, features_per_image)
-                for index in chosen.scale_index.unique().tolist():
-                    mask = chosen.scale_index == index
-                    samples.append(feats[index][:, chosen.y[mask], chosen.x[mask]].T.float().cpu())
+                backbone_maps = [self.backbone(resized)
+                                 for _scale, resized in pyramid(tensor, scales, min_side=self.stride)]
+                if backbone_maps:
+                    samples.append(self.head.reduction_samples(backbone_maps, features_per_image))
                 if progress and used % 50 == 0:
                     logger.info("collect_reduction_samples: %d images", used)
         finally:
@@ -197,29 +233,12 @@ class MdaModel(nn.Module):
 
         images: paths, PIL images, (H, W, 3) uint8 arrays, (3, H, W) / (B, 3, H, W) float tensors
         in [0, 1], or a DataLoader yielding such tensors (or (tensor, ...) tuples); see
-        :meth:`collect_reduction_samples`. When the backbone has fewer channels C_s than
-        ``descriptor_dim`` (EfficientNet-Lite0 stride16: 112 < 128) the C_s principal components
-        fill the first rows and the remaining output dimensions start at zero (training may use
-        them). Returns the number of feature vectors used.
+        :meth:`collect_reduction_samples`; the PCA is :meth:`MultipleDynamicAttention.fit_reduction`.
+        Returns the number of feature vectors used.
         """
-        from backbones.layers import init_linear_from_pca, learn_pca_whitening
-
         data = self.collect_reduction_samples(images, max_images=max_images, features_per_image=features_per_image,
                                               scales=scales, max_size=max_size, progress=progress)
-        components = min(self.descriptor_dim, self.head.in_channels)
-        if data.shape[0] <= components:
-            raise ValueError(f"fit_reduction: {data.shape[0]} feature vectors are too few to learn a "
-                             f"{components}-d PCA; give more images or features_per_image")
-        weight, bias = learn_pca_whitening(data, components, whiten=whiten)
-        if components < self.descriptor_dim:
-            logger.info("fit_reduction: %d backbone channels < descriptor_dim %d; the last %d dims start at 0",
-                        components, self.descriptor_dim, self.descriptor_dim - components)
-            pad = self.descriptor_dim - components
-            weight = torch.cat([weight, weight.new_zeros(pad, weight.shape[1])])
-            bias = torch.cat([bias, bias.new_zeros(pad)])
-        init_linear_from_pca(self.head.reduction, weight, bias)
-        self.head.reduction_fitted.fill_(True)
-        return int(data.shape[0])
+        return self.head.fit_reduction(data, whiten=whiten)
 
     # --- persistence -------------------------------------------------------------------------
 

@@ -26,14 +26,25 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, extraction: bool = 
     if extraction:
         parser.add_argument("--config", type=Path, help="YAML file with SystemConfig values "
                             "(only the keys to change; see retrieval/config.py)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                        help="where the models run (default: the config's, auto = GPU if present)")
+    parser.add_argument("--device", type=device_argument,
+                        help="auto | cpu | cuda | cuda:N: where the model runs (default: the config's, "
+                        "auto = a GPU when there is one)")
     if extraction:
         parser.add_argument("--max-size", type=int, help="longest image side in pixels")
         parser.add_argument("--scales", type=float, nargs="+", help="pyramid scales, e.g. 1 0.707")
         parser.add_argument("--top-n", type=int, help="local features per image")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def device_argument(value: str) -> str:
+    """A --device value, checked now: a GPU asked for on a machine without one is a usage error."""
+    from imagedata.extraction import resolve_device
+    try:
+        resolve_device(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
 
 
 def config_from_arguments(args: argparse.Namespace) -> SystemConfig:

@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""Initialise the models on a collection and train its visual-word codebook.
+"""Set up the retrieval model for a collection and train its visual-word codebook.
 
-    python pipelines/build_codebook.py --images DIR --out CODEBOOK [--size N] [--config FILE]
-                                       [--features FILE]
+    python pipelines/build_codebook.py --images DIR --out CODEBOOK [--model MODEL.pt] [--size N]
+                                       [--config FILE] [--feature-store DIR]
 
-CODEBOOK is a directory (written atomically): codebook.npz, mda.pt, glam.pt, config.yaml and a
-manifest; index.py and search use exactly these models.
+Without --model (or `model:` in the config) a new model starts from the packaged ImageNet weights,
+its MDA reduction and GLAM whitening learned from the collection (PCA-whitening); with it, the
+trained model (pipelines/train.py) is used as it is. CODEBOOK is a directory (written atomically):
+model.pt, codebook.npz, config.yaml and a manifest with their hashes; index.py and search use
+exactly this model. The features extracted here stay in the feature store (default
+.CODEBOOK.features beside CODEBOOK), where index.py finds them again.
 """
 from __future__ import annotations
 
@@ -29,10 +33,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="codebook directory to write")
     parser.add_argument("--size", type=int, help="visual words (default: the config's, 65536; "
                         "capped for small collections)")
-    parser.add_argument("--features", type=Path, help="an existing local feature file to train "
-                        "on instead of extracting (must come from these models)")
-    parser.add_argument("--work-dir", type=Path, help="feature cache (default .OUT.work beside "
-                        "OUT; resumable)")
+    parser.add_argument("--model", type=Path, help="a trained model file (pipelines/train.py); "
+                        "default: the config's `model`, else a new model (ImageNet weights)")
+    parser.add_argument("--feature-store", type=Path, help="where extracted features are kept and "
+                        "found again (default .OUT.features beside OUT; resumable)")
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -43,7 +47,7 @@ def main(argv=None) -> int:
     try:
         config = config_from_arguments(args)
         report = build_codebook(args.images, args.out, size=args.size, config=config,
-                                features=args.features, work_dir=args.work_dir,
+                                model=args.model, feature_store=args.feature_store,
                                 progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as error:
         return fail(str(error))

@@ -5,9 +5,10 @@
     python pipelines/index.py --images NEW_DIR --out INDEX_DIR --append
     python pipelines/index.py --out INDEX_DIR --remove NAME [NAME ...] | --remove-list FILE
 
-Extraction is resumable (features are cached in a work directory, default .INDEX_DIR.work beside
-the index); unreadable images are skipped and listed in INDEX_DIR/report.json. The index
-directory is written atomically.
+Features come from the feature store of the codebook's model (default .CODEBOOK.features beside
+the codebook directory, where build_codebook.py left the features of its images): only images not
+there are extracted, resumably. Unreadable images are skipped and listed in INDEX_DIR/report.json.
+The index directory is written atomically and refers to the codebook directory (no model copy).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ try:
 except ModuleNotFoundError:  # run as a script, the project not installed
     from _common import add_common_arguments, fail, setup_logging
 
+from asmk_index.persistence import current_version
 from retrieval.builder import build_index
 
 
@@ -35,7 +37,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help="image names (paths relative to the images folder) to take out")
     parser.add_argument("--remove-list", type=Path, help="file with one image name per line "
                         "to take out")
-    parser.add_argument("--work-dir", type=Path, help="feature cache (resumable)")
+    parser.add_argument("--feature-store", type=Path, help="where extracted features are kept and "
+                        "found again (default: the codebook's, .CODEBOOK.features beside it)")
     add_common_arguments(parser, extraction=False)
     args = parser.parse_args(argv)
     if args.images is None and not (args.remove or args.remove_list):
@@ -55,20 +58,21 @@ def main(argv=None) -> int:
             remove += [line.strip() for line in
                        args.remove_list.read_text(encoding="utf-8").splitlines() if line.strip()]
         report = build_index(args.out, images=args.images, codebook=args.codebook,
-                             append=args.append, remove=remove, work_dir=args.work_dir,
+                             append=args.append, remove=remove, feature_store=args.feature_store,
                              device=args.device, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as error:
         return fail(str(error))
     print(f"index {args.out}: {report.images} images "
           f"(+{len(report.added)} added, {len(report.already_indexed)} already indexed, "
-          f"-{len(report.removed)} removed)")
+          f"-{len(report.removed)} removed; features: {report.extracted} extracted, "
+          f"{report.reused} found in the feature store)")
     if report.not_found:
         print(f"not in the index (nothing removed): {', '.join(report.not_found)}")
     if report.failures:
         print(f"{len(report.failures)} image(s) skipped (unreadable):")
         for name, reason in sorted(report.failures.items()):
             print(f"  {name}: {reason}")
-    log.info("report: %s", Path(args.out) / "report.json")
+    log.info("report: %s", current_version(args.out) / "report.json")
     return 0
 
 

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 try:
-    from pipelines._common import fail, setup_logging
+    from pipelines._common import device_argument, fail, setup_logging
 except ModuleNotFoundError:  # run as a script, the project not installed
-    from _common import fail, setup_logging
+    from _common import device_argument, fail, setup_logging
 
 from imagedata.images import ImageLoadError
 from retrieval.searcher import MODES, Searcher
@@ -32,7 +32,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help="query region in pixels of the query image (all queries)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--html", type=Path, help="write a self-contained HTML page here")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", type=device_argument, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
 

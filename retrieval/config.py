@@ -1,13 +1,15 @@
 """One place for every setting of the retrieval system, with YAML load/save (``--config FILE``).
 
-:class:`SystemConfig` nests the model configs (``mda.MdaConfig``, ``glam.GlamConfig``), the
-extraction settings shared by indexing and querying, the codebook and ASMK* parameters and the
-search defaults. A YAML file only needs the keys it changes::
+:class:`SystemConfig` nests the network config (``retrieval.network.NetworkConfig``: backbone,
+MDA and GLAM heads), the extraction settings shared by indexing and querying, the codebook and
+ASMK* parameters and the search defaults; ``model`` names a trained model file to start from. A
+YAML file only needs the keys it changes::
 
+    model: runs/my_model/model.pt          # a trained model (pipelines/train.py); omit: ImageNet start
     extraction: {max_size: 512, scales: [1.0, 0.707]}
     codebook: {size: 4096}
     asmk: {alpha: 3.0}
-    mda: {top_n: 500}
+    network: {mda: {num_heads: 4}, glam: {whitening_power: 0.0}}
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ import yaml
 
 from asmk_index.asmk import AsmkParams
 
-from glam.config import GlamConfig
-from mda.config import MdaConfig
+from .network import NetworkConfig
+
+PRECISIONS = ("float32", "mixed")
 
 
 @dataclass
@@ -32,12 +35,34 @@ class ExtractionConfig:
     max_size: longest image side in pixels after loading (images are never upscaled).
     scales: image pyramid scales for the multi-scale extraction.
     top_n: local features kept per image (top attention over all scales).
-    device: "auto" (cuda when present, else cpu), "cpu" or "cuda".
+    device: "auto" (cuda when present, else cpu), "cpu", "cuda" or "cuda:N".
+    precision: "float32", or "mixed": bfloat16 autocast on CPUs with native bfloat16
+        (AVX512-BF16 / AMX; float32 elsewhere), float16 autocast on CUDA.
+    channels_last: run the network in channels-last memory format (faster convolutions on CPU
+        and on GPU tensor cores; the same features up to float rounding).
+    batch_size: up to this many equal-size images share each forward (one per pyramid level).
     """
     max_size: int = 512
     scales: tuple[float, ...] = (1.0, 0.7071, 0.5)
     top_n: int = 1000
     device: str = "auto"
+    precision: str = "float32"
+    channels_last: bool = True
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"extraction.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.batch_size < 1 or self.top_n < 1 or self.max_size < 1:
+            raise ValueError("extraction.batch_size, top_n and max_size must be >= 1")
+        if not self.scales or any(scale <= 0 for scale in self.scales):
+            raise ValueError(f"extraction.scales must be positive numbers, got {self.scales}")
+
+    def feature_settings(self) -> dict:
+        """What the features depend on (not where or how fast they are computed): the key of a
+        feature store together with the model's hash."""
+        return {"max_size": self.max_size, "scales": [float(s) for s in self.scales],
+                "top_n": self.top_n, "precision": self.precision}
 
 
 @dataclass
@@ -79,15 +104,91 @@ class SearchConfig:
     global_weight: float = 0.1
 
 
+GLOBAL_LOSSES = ("auto", "arcface", "contrastive", "none")
+LOCAL_LOSSES = ("contrastive", "none")
+
+
+@dataclass
+class TrainConfig:
+    """Training the retrieval model (``pipelines/train.py``, :mod:`retrieval.training`).
+
+    Every batch holds ``batch_size // 2`` pairs of images of one class (labelled data: two photos
+    of the class, or one photo twice; unlabelled data: one photo twice), each image augmented.
+
+    global_loss: "arcface" (labelled), "contrastive" (pairs + hardest in-batch negatives; the
+        two-view loss on unlabelled data), "auto" (arcface when labelled, else contrastive) or
+        "none" (the GLAM head is not trained).
+    local_loss: "contrastive" (per MDA head, on the attention-pooled descriptors, with hardest
+        in-batch negatives) plus ``diversity_weight`` x the Hellinger diversity penalty, or "none".
+    global_weight, local_weight: weights of the two heads' losses in the total.
+    trainable_stages: backbone stages trained, counted from the top (None: all; 0: frozen).
+    cache_backbone: with a frozen backbone, compute its maps once (``views_per_image`` augmented
+        views per image) and train the heads on them.
+    fit_images: a new model first learns its reduction / whitening from this many training images.
+    amp: float16 autocast on CUDA.
+    """
+    global_loss: str = "auto"
+    local_loss: str = "contrastive"
+    global_weight: float = 1.0
+    local_weight: float = 1.0
+    diversity_weight: float = 1.0
+    arcface_scale: float = 30.0
+    arcface_margin: float = 0.15
+    global_margin: float = 0.7
+    local_margin: float = 0.8
+    trainable_stages: int | None = 0
+    cache_backbone: bool = True
+    views_per_image: int = 4
+    epochs: int = 10
+    batch_size: int = 32
+    image_size: int = 256
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    backbone_lr_scale: float = 0.1
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    warmup_epochs: float = 0.5
+    grad_clip_norm: float = 10.0
+    fit_images: int = 200
+    amp: bool = True
+    num_workers: int = 2
+    seed: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.global_loss not in GLOBAL_LOSSES:
+            raise ValueError(f"train.global_loss must be one of {GLOBAL_LOSSES}, got {self.global_loss!r}")
+        if self.local_loss not in LOCAL_LOSSES:
+            raise ValueError(f"train.local_loss must be one of {LOCAL_LOSSES}, got {self.local_loss!r}")
+        if self.global_loss == "none" and self.local_loss == "none":
+            raise ValueError("train: global_loss and local_loss are both 'none': nothing to train")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"train.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.batch_size < 4 or self.batch_size % 2:
+            raise ValueError(f"train.batch_size must be even and >= 4 (pairs with in-batch negatives), "
+                             f"got {self.batch_size}")
+        if self.trainable_stages is not None and self.trainable_stages < 0:
+            raise ValueError(f"train.trainable_stages must be >= 0 or null, got {self.trainable_stages}")
+        if self.views_per_image < 1 or self.epochs < 1:
+            raise ValueError("train.views_per_image and train.epochs must be >= 1")
+
+
 @dataclass
 class SystemConfig:
-    """Everything the system needs to build a codebook, index images and search them."""
+    """Everything the system needs to build a codebook, index images and search them.
+
+    model: a trained model file (``pipelines/train.py``) to start from; None = a new model of
+        ``network`` with packaged ImageNet weights, its reduction and whitening learned from the
+        collection (PCA-whitening).
+    """
+    model: str | None = None
     extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     asmk: AsmkConfig = field(default_factory=AsmkConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
-    mda: MdaConfig = field(default_factory=MdaConfig)
-    glam: GlamConfig = field(default_factory=GlamConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     # ----------------------------------------------------------------- dict / YAML
     def to_dict(self) -> dict:
@@ -120,9 +221,12 @@ class SystemConfig:
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of sections at the top level")
         try:
-            return cls.from_dict(values)
+            config = cls.from_dict(values)
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path}: {error}") from error
+        if config.model is not None:  # a model file named in a config is relative to the config
+            config.model = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(config.model))
+        return config
 
 
 def _to_plain(value):
@@ -166,13 +270,5 @@ def _update(obj, values: dict, where: str):
     return dataclasses.replace(obj, **changes)
 
 
-def resolve_device(name: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when a GPU is present, else ``"cpu"``; other names unchanged."""
-    if name != "auto":
-        return name
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-__all__ = ["SystemConfig", "ExtractionConfig", "CodebookConfig", "AsmkConfig", "SearchConfig",
-           "resolve_device"]
+__all__ = ["SystemConfig", "ExtractionConfig", "CodebookConfig", "AsmkConfig", "SearchConfig", "TrainConfig",
+           "PRECISIONS"]

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 DEMO_CONFIG_OVERRIDES = {
     "extraction": {"max_size": 320, "scales": [1.0, 0.7071, 0.5], "top_n": 400},
     "codebook": {"fit_images": 40},
-    "glam": {"whitening_power": 0.0},
+    "network": {"glam": {"whitening_power": 0.0}},
     "search": {"shortlist": 100},
 }
 
@@ -44,14 +44,15 @@ def run_demo(out: str | os.PathLike, *, max_size: int | None = None, k: int = 6,
             f"{len(collection.groundtruth)} queries in {collection.root}")
     config = demo_config(max_size)
     config.save(out / "config.yaml")
-    work_dir = out / "features"  # shared: the index reuses the codebook run's local features
     codebook_report = build_codebook(collection.database, out / "codebook", config=config,
-                                     work_dir=work_dir, progress=progress)
+                                     progress=progress)
     printer(f"codebook: {codebook_report.size} visual words from "
             f"{codebook_report.training_descriptors} descriptors -> {out / 'codebook'}")
+    # the index finds every image's features in the store the codebook run filled
     index_report = build_index(out / "index", images=collection.database,
-                               codebook=out / "codebook", work_dir=work_dir, progress=progress)
-    printer(f"index: {index_report.images} images -> {out / 'index'}")
+                               codebook=out / "codebook", progress=progress)
+    printer(f"index: {index_report.images} images ({index_report.reused} found in the feature "
+            f"store, {index_report.extracted} extracted) -> {out / 'index'}")
     searcher = Searcher(out / "index")
     results = searcher.search([str(path) for path in collection.query_paths], k=k,
                               with_matches=True)

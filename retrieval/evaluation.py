@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from asmk_index.persistence import current_version
 from imagedata.revisitop import evaluate_revisitop, load_revisitop, ukbench_ns_score
 
 from .searcher import MODES, Searcher, get_searcher
@@ -144,7 +145,7 @@ def evaluate_index(dataset: str | os.PathLike, index: str | os.PathLike | Search
                                       "total": median_extraction + stage1 + stage2}
     index_dir = getattr(searcher, "index_directory", None)
     if index_dir is not None:
-        two_stage_dir = Path(index_dir) / "two_stage"
+        two_stage_dir = current_version(index_dir) / "two_stage"
         total = directory_bytes(two_stage_dir)
         report["index_bytes"] = total
         report["index_bytes_per_image"] = total / max(1, n_index)

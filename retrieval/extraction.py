@@ -1,46 +1,155 @@
-"""Resumable extraction of a folder's local (MDA) and global (GLAM) features into feature files.
+"""One extraction for both heads, and the feature store every run of one model shares.
 
-The shared loop ``imagedata.extraction.extract_to_file`` runs once per feature kind: the MDA
-local features go to ``WORK/local.h5`` and the GLAM global descriptors to ``WORK/global.h5``
-(``asmk_index.feature_file``), committed image by image. A rerun after a crash or Ctrl-C skips
-every image already stored, so no image is extracted twice; an image that cannot be read is
-recorded as a failure (name and reason) and the run goes on. Image names are paths relative to
-the folder, with their extension (``sub/photo.jpg``), so an index can find its files again.
+Each image is decoded once (by a DataLoader worker) and downscaled to ``max_size``; then ONE forward
+of the retrieval model per pyramid level gives the MDA attention and local maps and the GLAM
+descriptor (:func:`extract_batch`); the local features are the top-n over all heads and levels
+(:func:`mda.extract.local_features_from_levels`), the global descriptor the L2-normalised mean of
+the levels' descriptors (GLAM's multi-scale protocol). Queries go through the same function.
+
+Feature store: ``STORE/<model hash>-<settings hash>/features.h5`` holds, per image, its local
+features (descriptors and :data:`mda.extract.LOCAL_FIELDS`) and its global descriptor (image field
+``"global"``), committed image by image (``asmk_index.feature_file``). A record is keyed by the
+image file's absolute path, size and modification time, so the features a codebook run extracted
+are reused by an index run on the same photos with the same model and settings, whatever the
+output directories are called, and a changed file is extracted again. A run after a crash or
+Ctrl-C skips every image already stored; an image that cannot be read is recorded as a failure
+(path and reason) and the run goes on.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from filelock import FileLock
 
 from asmk_index.feature_file import FeatureFile
-from imagedata.extraction import default_num_workers, extract_to_file
-from imagedata.images import list_images
-from mda.extract import LOCAL_FIELDS
+from imagedata.extraction import default_num_workers, extract_to_file, resolve_device
+from imagedata.images import image_to_tensor, list_images
+from mda.extract import (LOCAL_FIELDS, LocalFeatures, PyramidLevel, level_factor,
+                         local_features_from_levels, pyramid)
 
-from .models import ModelBundle
+from .config import ExtractionConfig
+from .network import RetrievalNet
 
 logger = logging.getLogger(__name__)
 
-LOCAL_FILE, GLOBAL_FILE = "local.h5", "global.h5"
+FEATURES_FILE = "features.h5"
+GLOBAL_FIELD = "global"
 
 
 @dataclass
-class ExtractionReport:
-    """Images whose features are in the work directory (now or from an earlier run), failures."""
-    extracted: list[str] = field(default_factory=list)
-    failures: dict[str, str] = field(default_factory=dict)
+class ImageFeatures:
+    """Both kinds of features of one image: local (MDA, top-n) and global (GLAM, (D,) float32)."""
+    local: LocalFeatures
+    global_descriptor: np.ndarray
+
+    def record(self) -> dict[str, np.ndarray]:
+        """The feature-file record: local descriptors, per-feature fields, the global descriptor."""
+        return {"descriptors": self.local.descriptors, **self.local.fields(),
+                GLOBAL_FIELD: self.global_descriptor}
 
 
+# ---------------------------------------------------------------------- one image / one batch
+def mixed_precision_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision: mixed`` on ``device``: float16 on CUDA, bfloat16 on CPUs
+    with native bfloat16 arithmetic (AVX512-BF16 or AMX), None (float32) elsewhere."""
+    if device.type == "cuda":
+        return torch.float16
+    native = (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+              or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return torch.bfloat16 if native else None
+
+
+@contextlib.contextmanager
+def inference(device: torch.device, precision: str) -> Iterator[None]:
+    """``torch.inference_mode`` plus, for ``precision == "mixed"``, autocast (see
+    :func:`mixed_precision_dtype`)."""
+    dtype = mixed_precision_dtype(device) if precision == "mixed" else None
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
+        yield
+
+
+def prepare_network(net: RetrievalNet, config: ExtractionConfig) -> RetrievalNet:
+    """The model on the config's device, in eval mode and in the configured memory format."""
+    net = net.to(resolve_device(config.device)).eval()
+    return net.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+
+
+def extract_batch(net: RetrievalNet, images: torch.Tensor, config: ExtractionConfig) -> list[ImageFeatures]:
+    """Features of equal-size images ``(B, 3, H, W)`` float in [0, 1] (already at most
+    ``config.max_size``; local x, y are in their pixels), one forward per pyramid level.
+
+    A level whose image is smaller than the local stride gives no local features (its global
+    descriptor still counts); an image too small for every level is a ValueError.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected (B, 3, H, W) images, got shape {tuple(images.shape)}")
+    device = net.device
+    images = images.to(device)
+    size = (int(images.shape[-2]), int(images.shape[-1]))
+    stride = net.local_stride
+    levels: list[list[PyramidLevel]] = [[] for _ in range(images.shape[0])]
+    global_sum = None
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    with inference(device, config.precision):
+        for scale, resized in pyramid(images, config.scales):
+            output = net(resized.contiguous(memory_format=memory_format))
+            descriptors = output.global_descriptor.float()
+            global_sum = descriptors if global_sum is None else global_sum + descriptors
+            if min(resized.shape[-2:]) < stride:
+                continue
+            factor = level_factor(size, resized)
+            for position, image_levels in enumerate(levels):
+                image_levels.append(PyramidLevel(output.attention[position].float(),
+                                                 output.local[position].float(), scale, factor))
+        if not levels[0]:
+            raise ValueError(f"image of {size[1]}x{size[0]} pixels is too small for every scale "
+                             f"{config.scales} (local stride {stride})")
+        local_config = _local_selection_config(config)
+        global_descriptors = F.normalize(global_sum, p=2, dim=1).cpu().numpy().astype(np.float32)
+        return [ImageFeatures(local_features_from_levels(image_levels, stride=stride, config=local_config,
+                                                         image_size=size), global_descriptors[position])
+                for position, image_levels in enumerate(levels)]
+
+
+def extract_image(net: RetrievalNet, image: np.ndarray, config: ExtractionConfig) -> ImageFeatures:
+    """Features of one ``(H, W, 3)`` uint8 image already prepared as searched (cropped, at most
+    ``max_size``): the query path, the same computation as the collection's."""
+    return extract_batch(net, image_to_tensor(image).unsqueeze(0), config)[0]
+
+
+def _local_selection_config(config: ExtractionConfig):
+    from mda.config import ExtractionConfig as LocalSelection
+    return LocalSelection(scales=tuple(config.scales), max_size=config.max_size, top_n=config.top_n)
+
+
+class BatchExtractor:
+    """Callable for :func:`imagedata.extraction.extract_to_file`: (B, 3, H, W) -> B records."""
+
+    def __init__(self, net: RetrievalNet, config: ExtractionConfig):
+        self.net = net
+        self.config = config
+
+    def __call__(self, images: torch.Tensor) -> list[dict[str, np.ndarray]]:
+        return [features.record() for features in extract_batch(self.net, images, self.config)]
+
+
+# ---------------------------------------------------------------------- images of a folder
 def image_names(root: str | os.PathLike, paths: Sequence[Path]) -> list[str]:
-    """Names of images = their paths relative to ``root`` (posix), e.g. ``sub/photo.jpg``."""
-    root = Path(root).resolve()
-    return [Path(path).resolve().relative_to(root).as_posix() for path in paths]
+    """Names of images = their paths relative to ``root`` (posix), e.g. ``sub/photo.jpg``.
+    Symbolic links are not resolved: a link inside ``root`` is named by where it is."""
+    root = Path(os.path.abspath(root))
+    return [Path(os.path.abspath(path)).relative_to(root).as_posix() for path in paths]
 
 
 def collect_images(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
@@ -51,92 +160,111 @@ def collect_images(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
     return paths, image_names(folder, paths)
 
 
-def discard_stale_feature_file(path: Path, attributes: dict) -> None:
-    """Delete a cached feature file made by other models or settings (it cannot be resumed)."""
-    if not path.is_file():
-        return
-    try:
-        with FeatureFile(path) as existing:
-            stored = existing.attributes
-    except (ValueError, OSError) as error:
-        logger.warning("discarding unreadable feature cache %s (%s)", path, error)
-        path.unlink()
-        return
-    if json.loads(json.dumps(stored, sort_keys=True)) != json.loads(
-            json.dumps(attributes, sort_keys=True, default=list)):
-        logger.warning("discarding feature cache %s: made by other models or extraction "
-                       "settings", path)
-        path.unlink()
+# ---------------------------------------------------------------------- the feature store
+def record_key(path: str | os.PathLike) -> str:
+    """A store record's key: the file's absolute path, size and modification time (ns)."""
+    path = os.path.abspath(path)
+    stat = os.stat(path)
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
-def extract_collection(paths: Sequence[Path], names: Sequence[str], bundle: ModelBundle,
-                       work_dir: str | os.PathLike, *, global_features: bool = True,
-                       progress: bool = True, num_workers: int | None = None) -> ExtractionReport:
-    """Extract every image not yet in ``work_dir``'s feature files (see the module docstring).
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
-    ``global_features=False`` extracts only the local features (codebook training).
-    ``num_workers``: image-loading processes (default: CPUs - 1, at most 8).
+
+@dataclass
+class CollectionFeatures:
+    """Features of n images read from a store: global (n, Dg); local (N, Dl) with the position of
+    their image (N,) in 0..n-1 and their fields (each (N,))."""
+    global_descriptors: np.ndarray
+    local_descriptors: np.ndarray
+    local_owner: np.ndarray
+    local_fields: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class StoreRun:
+    """One :meth:`FeatureStore.extract` run: keys of the images given (by position), failures
+    (path -> reason), how many were extracted now and how many were already stored."""
+    keys: list[str | None]
+    failures: dict[str, str] = field(default_factory=dict)
+    extracted: int = 0
+    already_stored: int = 0
+
+
+class FeatureStore:
+    """The features one model (by hash) extracts with one set of settings, reused by every run.
+
+    ``root``: the store folder (several models and settings side by side); the features live in
+    ``root/<model hash[:16]>-<settings hash[:12]>/features.h5``.
     """
-    if len(paths) != len(names):
-        raise ValueError(f"{len(paths)} paths for {len(names)} names")
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    paths, names = [Path(p) for p in paths], list(names)
-    name_of_path = {str(path): name for path, name in zip(paths, names)}
-    report = ExtractionReport()
-    workers = default_num_workers() if num_workers is None else num_workers
-    jobs = [(LOCAL_FILE, "local", bundle.local_extractor(), int(bundle.mda.descriptor_dim),
-             LOCAL_FIELDS)]
-    if global_features:
-        jobs.append((GLOBAL_FILE, "global", bundle.global_extractor(), bundle.global_dim, None))
-    if not paths:
-        return report
-    extracted: set[str] = set()
-    for filename, kind, extractor, dim, fields in jobs:
-        discard_stale_feature_file(work_dir / filename, bundle.feature_attributes(kind))
-        run = extract_to_file(paths, extractor, work_dir / filename, kind=kind, dim=dim,
-                              fields=fields, attributes=bundle.feature_attributes(kind),
-                              max_size=bundle.config.extraction.max_size, num_workers=workers,
-                              device=bundle.device, progress=progress,
-                              report_path=work_dir / "failures.tsv", names=names)
-        for path, reason in run.failures:
-            report.failures.setdefault(name_of_path.get(path, path), reason)
-    with FeatureFile(work_dir / LOCAL_FILE) as local_file:
-        stored = set(local_file.names)
-    if global_features:
-        with FeatureFile(work_dir / GLOBAL_FILE) as global_file:
-            stored &= set(global_file.names)
-    for name in names:
-        if name in stored:
-            extracted.add(name)
-        elif name not in report.failures:
-            report.failures[name] = "not extracted (see the log)"
-    report.extracted = [name for name in names if name in extracted]
-    return report
+
+    def __init__(self, root: str | os.PathLike, model_hash: str, config: ExtractionConfig):
+        self.root = Path(root)
+        self.model_hash = model_hash
+        self.settings = config.feature_settings()
+        self.directory = self.root / f"{model_hash[:16]}-{settings_hash(self.settings)[:12]}"
+        self.path = self.directory / FEATURES_FILE
+
+    @property
+    def attributes(self) -> dict:
+        return {"model_sha256": self.model_hash, "extraction": self.settings}
+
+    def extract(self, paths: Sequence[Path], net: RetrievalNet, config: ExtractionConfig, *,
+                progress: bool = True, num_workers: int | None = None) -> StoreRun:
+        """Extract every image of ``paths`` that the store lacks (see the module docstring)."""
+        keys: list[str | None] = []
+        failures: dict[str, str] = {}
+        for path in paths:
+            try:
+                keys.append(record_key(path))
+            except OSError as error:
+                keys.append(None)
+                failures[str(path)] = f"cannot read the file: {error.strerror or error}"
+        todo = [(Path(path), key) for path, key in zip(paths, keys) if key is not None]
+        unique = list(dict(((key, path) for path, key in todo)).items())
+        run = StoreRun(keys=keys, failures=failures)
+        if not unique:
+            return run
+        net = prepare_network(net, config)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.directory / ".lock"):  # another run on this store: wait for it
+            report = extract_to_file(
+                [path for _, path in unique], BatchExtractor(net, config), self.path, kind="local",
+                dim=net.descriptor_dim, fields=LOCAL_FIELDS,
+                image_fields={GLOBAL_FIELD: ("float32", (net.global_dim,))}, attributes=self.attributes,
+                max_size=config.max_size, device=net.device, progress=progress,
+                num_workers=default_num_workers() if num_workers is None else num_workers,
+                report_path=self.directory / "failures.tsv", names=[key for key, _ in unique],
+                batch_size=config.batch_size)
+        run.failures.update(dict(report.failures))
+        run.extracted, run.already_stored = report.extracted, report.skipped
+        return run
+
+    def read(self, keys: Sequence[str]) -> CollectionFeatures:
+        """The stored features of ``keys`` (every one must be stored)."""
+        with FeatureFile(self.path) as features:
+            records = [features.get(key) for key in keys]
+            dim = features.dim
+        if not records:
+            return CollectionFeatures(np.zeros((0, 0), np.float32), np.zeros((0, dim), np.float32),
+                                      np.zeros(0, np.int64))
+        local = [record["descriptors"] for record in records]
+        return CollectionFeatures(
+            global_descriptors=np.stack([record[GLOBAL_FIELD] for record in records]).astype(np.float32),
+            local_descriptors=np.concatenate(local),
+            local_owner=np.repeat(np.arange(len(records), dtype=np.int64), [len(d) for d in local]),
+            local_fields={name: np.concatenate([record[name] for record in records]) for name in LOCAL_FIELDS})
 
 
-def read_local_features(work_dir: str | os.PathLike, names: Sequence[str]
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """Local descriptors of ``names`` from ``work_dir``: (N, D) float32 and the owner (N,) position."""
-    with FeatureFile(Path(work_dir) / LOCAL_FILE) as features:
-        descriptors, owners = [], []
-        for position, name in enumerate(names):
-            record = features.get(name)
-            descriptors.append(record["descriptors"])
-            owners.append(np.full(record["descriptors"].shape[0], position, np.int64))
-        dim = features.dim
-    if not descriptors:
-        return np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
-    return np.concatenate(descriptors), np.concatenate(owners)
+def default_store_root(codebook_dir: str | os.PathLike) -> Path:
+    """Where a codebook's collection features are kept unless asked otherwise:
+    ``.<codebook name>.features`` beside the codebook directory (shared by the codebook run and
+    every index run with that codebook)."""
+    codebook_dir = Path(codebook_dir)
+    return codebook_dir.parent / f".{codebook_dir.name}.features"
 
 
-def read_global_descriptors(work_dir: str | os.PathLike, names: Sequence[str]) -> np.ndarray:
-    """Global descriptors (len(names), D) float32 of ``names`` from ``work_dir``."""
-    with FeatureFile(Path(work_dir) / GLOBAL_FILE) as features:
-        rows = [features.get(name)["descriptors"].reshape(-1) for name in names]
-        dim = features.dim
-    return np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
-
-
-__all__ = ["ExtractionReport", "extract_collection", "collect_images", "image_names",
-           "read_local_features", "read_global_descriptors", "LOCAL_FILE", "GLOBAL_FILE"]
+__all__ = ["ImageFeatures", "CollectionFeatures", "FeatureStore", "StoreRun", "extract_batch",
+           "extract_image", "prepare_network", "inference", "mixed_precision_dtype", "collect_images",
+           "image_names", "record_key", "default_store_root", "GLOBAL_FIELD", "FEATURES_FILE"]

@@ -2,16 +2,22 @@
 
 ::
 
-    INDEX_DIR/manifest.json     kind "retrieval_index": format version, counts, image root, checksums
+    INDEX_DIR/manifest.json     kind "retrieval_index": format version, counts, the codebook
+                                directory it refers to (path and hashes), the image roots, checksums
     INDEX_DIR/image_ids.npy     (n,) int64 id of every indexed image (stable across append/remove)
-    INDEX_DIR/image_names.npy   (n,) unicode name of every image (path relative to the image root)
+    INDEX_DIR/image_names.npy   (n,) unicode name of every image (path relative to its image root)
+    INDEX_DIR/image_roots.npy   (n,) int32 which of the manifest's image roots each image is under
     INDEX_DIR/next_id.npy       ()  int64 the id the next added image gets
     INDEX_DIR/two_stage/        asmk_index.TwoStageIndex (ASMK* inverted file + global index)
-    INDEX_DIR/models/           the codebook directory it was built with (models, codebook, config)
     INDEX_DIR/report.json       the last build/append/remove run: images added, removed, failed
 
-The whole directory is written under a temporary name and renamed into place (a crash leaves the
-old index or the new one), and loading verifies versions and checksums.
+The model and the codebook are not copied: the index refers to the codebook directory it was built
+with (its path relative to the index and absolute) and records the hashes of its model and
+codebook, which loading checks. The files above form one version of the index directory, published
+whole under a writer lock (``asmk_index.persistence.publish_directory``: a crash leaves the old
+index or the new one; a reader always loads one whole version), and loading verifies versions,
+checksums and counts. Every image name is resolved under its root: a name that leaves it (``../``, an
+absolute path) is refused at add and at load.
 """
 from __future__ import annotations
 
@@ -23,15 +29,15 @@ from typing import Sequence
 
 import numpy as np
 
-from asmk_index.persistence import (IndexFormatError, atomic_directory, read_arrays, require,
-                                    write_arrays)
+from asmk_index.persistence import (IndexFormatError, check_counts, current_version, load_current,
+                                    publish_directory, read_arrays, read_manifest, require, write_arrays)
 
-from .models import ModelBundle, copy_models_directory
+from .models import ModelBundle
 
 logger = logging.getLogger(__name__)
 
 INDEX_KIND = "retrieval_index"
-TWO_STAGE_DIR, MODELS_DIR, REPORT_FILE = "two_stage", "models", "report.json"
+TWO_STAGE_DIR, REPORT_FILE = "two_stage", "report.json"
 
 
 def new_two_stage_index(bundle: ModelBundle):
@@ -47,26 +53,39 @@ def new_two_stage_index(bundle: ModelBundle):
                                 use_idf=asmk.use_idf, method=bundle.config.search.global_method)
 
 
-class RetrievalIndex:
-    """An indexed collection: models, two-stage index and the image names behind the ids."""
+def check_image_name(name: str) -> str:
+    """``name`` if it is a relative path that stays under its root, else ValueError."""
+    path = PurePosixPath(name)
+    if not name or path.is_absolute() or ".." in path.parts:
+        raise ValueError(f"image name {name!r} is not a relative path inside its image folder")
+    return name
 
-    def __init__(self, models: ModelBundle, models_dir: str | os.PathLike, two_stage=None, *,
+
+class RetrievalIndex:
+    """An indexed collection: the codebook directory's models, the two-stage index, and the name
+    and image root behind every id."""
+
+    def __init__(self, models: ModelBundle, codebook_dir: str | os.PathLike, two_stage=None, *,
                  names: Sequence[str] = (), ids: Sequence[int] = (), next_id: int = 0,
-                 image_root: str | None = None):
+                 roots: Sequence[str] = (), root_index: Sequence[int] = ()):
         self.models = models
-        self.models_dir = Path(models_dir)
+        self.codebook_dir = Path(codebook_dir)
         self.two_stage = two_stage if two_stage is not None else new_two_stage_index(models)
-        self.names: list[str] = list(names)
+        self.names: list[str] = [check_image_name(name) for name in names]
         self.ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        require(len(self.names) == len(self.ids), self.models_dir,
-                f"{len(self.names)} image names for {len(self.ids)} ids")
+        self.roots: list[str] = [str(root) for root in roots]
+        self.root_index = np.asarray(root_index, dtype=np.int32).reshape(-1)
+        if not (len(self.names) == len(self.ids) == len(self.root_index)):
+            raise ValueError(f"{len(self.names)} image names, {len(self.ids)} ids and "
+                             f"{len(self.root_index)} root indices")
+        if self.root_index.size and (self.root_index.min() < 0 or self.root_index.max() >= len(self.roots)):
+            raise ValueError(f"image root indices outside the {len(self.roots)} roots listed")
         self.next_id = int(next_id)
-        self.image_root = image_root
         self._reindex()
 
     def _reindex(self) -> None:
         self._id_of = {name: int(i) for name, i in zip(self.names, self.ids)}
-        self._name_of = {int(i): name for name, i in zip(self.names, self.ids)}
+        self._position_of = {int(i): position for position, i in enumerate(self.ids)}
 
     def __len__(self) -> int:
         return len(self.names)
@@ -75,32 +94,45 @@ class RetrievalIndex:
         return name in self._id_of
 
     def name_of(self, image_id: int) -> str:
-        return self._name_of[int(image_id)]
+        return self.names[self._position_of[int(image_id)]]
 
     def id_of(self, name: str) -> int:
         return self._id_of[name]
 
     def image_path(self, name: str) -> Path | None:
-        """Where the image file was when it was indexed (None if the root is unknown)."""
-        return None if self.image_root is None else Path(self.image_root) / name
+        """Where the image file was when it was indexed (None for an image added without a root)."""
+        position = self._position_of[self._id_of[name]]
+        root = self.roots[int(self.root_index[position])]
+        return None if not root else Path(root) / check_image_name(name)
+
+    def root_number(self, root: str | os.PathLike | None) -> int:
+        """The index of ``root`` in :attr:`roots` (added when new); None/"" = no root."""
+        root = "" if root is None else os.path.abspath(root)
+        if root not in self.roots:
+            self.roots.append(root)
+        return self.roots.index(root)
 
     # ------------------------------------------------------------------ changes
     def add(self, names: Sequence[str], global_descriptors: np.ndarray,
-            local_descriptors: np.ndarray, local_owner: np.ndarray) -> np.ndarray:
+            local_descriptors: np.ndarray, local_owner: np.ndarray, *,
+            root: str | os.PathLike | None = None) -> np.ndarray:
         """Add images: ``global_descriptors`` (n, Dg), local (N, Dl) owned by ``local_owner`` (N,)
-        positions into ``names``. Returns the new ids. Names already indexed are an error."""
-        names = list(names)
+        positions into ``names`` (paths relative to the folder ``root``). Returns the new ids.
+        Names already indexed, or leaving their root, are an error."""
+        names = [check_image_name(name) for name in names]
         duplicates = sorted(set(names) & set(self._id_of))
         if duplicates or len(set(names)) != len(names):
             raise ValueError(f"images already in the index (remove them first): {duplicates[:10]}")
         if not names:
             return np.zeros(0, np.int64)
         ids = np.arange(self.next_id, self.next_id + len(names), dtype=np.int64)
+        root_number = self.root_number(root)
         self.two_stage.add(global_descriptors, ids, local_descriptors,
                            ids[np.asarray(local_owner, dtype=np.int64)])
         self.next_id += len(names)
         self.names.extend(names)
         self.ids = np.concatenate([self.ids, ids])
+        self.root_index = np.concatenate([self.root_index, np.full(len(names), root_number, np.int32)])
         self._reindex()
         return ids
 
@@ -121,6 +153,7 @@ class RetrievalIndex:
             keep = ~np.isin(self.ids, remove_ids)
             self.names = [name for name, kept in zip(self.names, keep) if kept]
             self.ids = self.ids[keep]
+            self.root_index = self.root_index[keep]
             self._reindex()
         return present, missing
 
@@ -128,56 +161,104 @@ class RetrievalIndex:
     def save(self, directory: str | os.PathLike, *, report: dict | None = None) -> Path:
         """Write the index directory atomically (see the module docstring)."""
         directory = Path(directory)
-        with atomic_directory(directory) as temporary:
-            copy_models_directory(self.models_dir, temporary / MODELS_DIR)
+        codebook = os.path.abspath(self.codebook_dir)
+        with publish_directory(directory) as temporary:
             self.two_stage.save(temporary / TWO_STAGE_DIR)
             if report is not None:
                 (temporary / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
             names = np.asarray(self.names, dtype=str) if self.names else np.zeros(0, dtype="<U1")
             write_arrays(temporary, kind=INDEX_KIND,
-                         params={"image_root": self.image_root,
+                         params={"codebook_directory": os.path.relpath(codebook, os.path.abspath(directory)),
+                                 "codebook_directory_absolute": codebook,
                                  "codebook_hash": self.models.codebook.hash,
-                                 "models_id": self.models.models_id},
+                                 "model_sha256": self.models.model_hash,
+                                 "image_roots": self.roots},
                          counts={"images": len(self.names)},
                          arrays={"image_ids": self.ids, "image_names": names,
+                                 "image_roots": self.root_index,
                                  "next_id": np.asarray(self.next_id, dtype=np.int64)},
-                         components={TWO_STAGE_DIR: temporary / TWO_STAGE_DIR,
-                                     MODELS_DIR: temporary / MODELS_DIR})
-        self.models_dir = directory / MODELS_DIR
+                         components={TWO_STAGE_DIR: temporary / TWO_STAGE_DIR})
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, device: str | None = None) -> "RetrievalIndex":
-        """Read an index directory (checks version, kind, checksums, consistency)."""
-        from asmk_index.two_stage import TwoStageIndex
+    def load(cls, directory: str | os.PathLike, *, device: str | None = None,
+             models: ModelBundle | None = None) -> "RetrievalIndex":
+        """Read an index directory (its current version) and the codebook directory it refers to
+        (checks versions, kinds, checksums, hashes and counts). ``models``: the codebook
+        directory's bundle already loaded (it must be the one the index refers to)."""
         directory = Path(directory)
-        manifest, arrays = read_arrays(directory, kind=INDEX_KIND)
-        models = ModelBundle.load(directory / MODELS_DIR, device=device)
-        two_stage = TwoStageIndex.load(directory / TWO_STAGE_DIR)
+        return load_current(directory, lambda version: cls._load_version(directory, version, device, models))
+
+    @classmethod
+    def _load_version(cls, directory: Path, version: Path, device: str | None,
+                      models: ModelBundle | None) -> "RetrievalIndex":
+        from asmk_index.two_stage import TwoStageIndex
+        manifest, arrays = read_arrays(version, kind=INDEX_KIND)
         params = manifest.get("params", {})
+        codebook_dir = find_codebook_directory(directory, params)
+        if models is None:
+            models = ModelBundle.load(codebook_dir, device=device)
+        require(models.model_hash == params.get("model_sha256"), directory,
+                f"the codebook directory {codebook_dir} now holds another model than the one this "
+                "index was built with; rebuild the index (pipelines/index.py) or restore that codebook")
         require(models.codebook.hash == params.get("codebook_hash"), directory,
-                "the codebook in models/ is not the one the index was built with (corrupt)")
+                f"the codebook in {codebook_dir} is not the one this index was built with; rebuild "
+                "the index (pipelines/index.py) or restore that codebook")
+        two_stage = TwoStageIndex.load(version / TWO_STAGE_DIR)
         names = [str(name) for name in arrays["image_names"].tolist()]
-        index = cls(models, directory / MODELS_DIR, two_stage, names=names,
-                    ids=arrays["image_ids"], next_id=int(arrays["next_id"]),
-                    image_root=params.get("image_root"))
+        check_counts(version, manifest, {"images": len(names)})
+        try:
+            index = cls(models, codebook_dir, two_stage, names=names, ids=arrays["image_ids"],
+                        next_id=int(arrays["next_id"]), roots=params.get("image_roots", []),
+                        root_index=arrays["image_roots"])
+        except ValueError as error:
+            raise IndexFormatError(f"{directory}: {error} (corrupt)") from None
         require(len(two_stage) == len(names), directory,
                 f"the two-stage index holds {len(two_stage)} images but {len(names)} names are "
                 "listed (corrupt)")
         return index
 
-    def report(self, directory: str | os.PathLike) -> dict:
-        path = Path(directory) / REPORT_FILE
+    @staticmethod
+    def report(directory: str | os.PathLike) -> dict:
+        """The last run's report.json of an index directory ({} when there is none)."""
+        path = current_version(directory) / REPORT_FILE
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def find_codebook_directory(directory: Path, params: dict) -> Path:
+    """The codebook directory an index refers to: its path relative to the index, else the
+    absolute one; a clear error when neither is there."""
+    relative, absolute = params.get("codebook_directory"), params.get("codebook_directory_absolute")
+    if relative is None and absolute is None:
+        raise IndexFormatError(f"{directory}: the manifest names no codebook directory (corrupt, or an "
+                               "index of an older version: rebuild it with pipelines/index.py)")
+    candidates = [Path(os.path.abspath(directory)) / relative] if relative else []
+    candidates += [Path(absolute)] if absolute else []
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"{directory}: the codebook directory this index was built with is missing "
+                            f"(looked at {', '.join(str(c) for c in candidates)}); an index refers to its "
+                            "codebook directory instead of copying the model: move or restore it beside "
+                            "the index")
+
+
+def index_version(directory: str | os.PathLike) -> str:
+    """What changes whenever the index directory is written again (its current version's path
+    and manifest time); "" when there is no index."""
+    try:
+        version = current_version(directory)
+        return f"{version}:{(version / 'manifest.json').stat().st_mtime_ns}"
+    except (OSError, ValueError):
+        return ""
 
 
 def is_index_directory(path: str | os.PathLike) -> bool:
     try:
-        manifest = json.loads((Path(path) / "manifest.json").read_text(encoding="utf-8"))
+        return read_manifest(path).get("kind") == INDEX_KIND
     except (OSError, ValueError):
         return False
-    return manifest.get("kind") == INDEX_KIND
 
 
-__all__ = ["RetrievalIndex", "new_two_stage_index", "is_index_directory", "INDEX_KIND",
-           "IndexFormatError"]
+__all__ = ["RetrievalIndex", "new_two_stage_index", "is_index_directory", "index_version", "check_image_name",
+           "find_codebook_directory", "INDEX_KIND", "IndexFormatError"]

@@ -1,185 +1,159 @@
-"""The models of one collection, kept together: MDA (local), GLAM (global), the codebook, the config.
+"""A collection's codebook directory: the retrieval model, the k-means codebook and the config.
 
-A codebook is only meaningful with the model that produced the descriptors it was trained on, so
-``build_codebook.py`` writes them as one directory (atomically), and every index built from it
-carries a copy::
+A codebook is only meaningful with the model whose descriptors it was trained on, so
+``build_codebook.py`` writes them as one directory (published as a whole new version under a
+writer lock: ``asmk_index.persistence``); an index refers to it by path and hashes and never holds
+a second copy of the weights. A version holds::
 
-    MODELS_DIR/manifest.json   kind "retrieval_models": format version, checksums of the files below
-    MODELS_DIR/config.yaml     the SystemConfig used
-    MODELS_DIR/mda.pt          MDA model (MdaModel.save)
-    MODELS_DIR/glam.pt         GLAM model (GlamModel.save)
-    MODELS_DIR/codebook.npz    k-means codebook (Codebook.save); absent before the codebook is trained
+    CODEBOOK/manifest.json   kind "retrieval_codebook": format version, the model's and the
+                             codebook's hashes, checksums of the files below
+    CODEBOOK/config.yaml     the SystemConfig used (extraction, ASMK*, search settings)
+    CODEBOOK/model.pt        the retrieval model (RetrievalNet.save: backbone and both heads)
+    CODEBOOK/codebook.npz    the k-means codebook
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from asmk_index.persistence import (MANIFEST_NAME, IndexFormatError, atomic_directory,
-                                    read_arrays, write_arrays)
-
 from asmk_index.codebook import Codebook
-from glam.config import ExtractionConfig as GlamExtractionConfig
-from glam.extract import GlobalExtractor, extract_global_descriptor
-from glam.model import GlamModel
-from mda.config import ExtractionConfig as MdaExtractionConfig
-from mda.extract import LocalFeatureExtractor, LocalFeatures, extract_local_features
-from mda.model import MdaModel
+from asmk_index.persistence import (MANIFEST_NAME, IndexFormatError, load_current, publish_directory,
+                                    read_arrays, write_arrays)
+from imagedata.images import image_to_tensor
 
-from .config import SystemConfig, resolve_device
+from .config import SystemConfig
+from .extraction import FeatureStore, ImageFeatures, extract_image, prepare_network
+from .network import RetrievalNet
 
 logger = logging.getLogger(__name__)
 
-MODELS_KIND = "retrieval_models"
-CONFIG_FILE, MDA_FILE, GLAM_FILE, CODEBOOK_FILE = "config.yaml", "mda.pt", "glam.pt", "codebook.npz"
+CODEBOOK_KIND = "retrieval_codebook"
+CONFIG_FILE, MODEL_FILE, CODEBOOK_FILE = "config.yaml", "model.pt", "codebook.npz"
 
 
 class ModelBundle:
-    """MDA + GLAM models, the codebook and the config of one collection; extraction helpers."""
+    """The retrieval model, the codebook (None before it is trained) and the config of a collection."""
 
-    def __init__(self, config: SystemConfig, mda_model, glam_model, codebook=None):
+    def __init__(self, config: SystemConfig, net: RetrievalNet, codebook: Codebook | None = None, *,
+                 model_hash: str | None = None):
         self.config = config
-        self.mda = mda_model
-        self.glam = glam_model
+        self.net = prepare_network(net, config.extraction)
         self.codebook = codebook
-        self._models_id: str | None = None
-        self.device = resolve_device(config.extraction.device)
-        for model in (self.mda, self.glam):
-            model.to(self.device).eval()
+        self.model_hash = model_hash or net.loaded_hash or net.model_hash()
 
     # ------------------------------------------------------------------ creation
     @classmethod
     def initialize(cls, config: SystemConfig, fit_images: Sequence[np.ndarray]) -> "ModelBundle":
-        """Build untrained-head models and learn their PCA reduction/whitening from ``fit_images``."""
-        if not fit_images:
-            raise ValueError("no images to initialise the models from (all failed to load?)")
-        mda_model = MdaModel(config.mda)
-        glam_model = GlamModel(config.glam)
-        bundle = cls(config, mda_model, glam_model)
-        extraction = config.extraction
-        logger.info("learning the MDA reduction and GLAM whitening from %d images", len(fit_images))
-        bundle.mda.fit_reduction(list(fit_images), max_images=len(fit_images),
-                                 features_per_image=extraction.top_n,
-                                 scales=tuple(extraction.scales), max_size=extraction.max_size)
-        bundle.glam.fit_whitening(list(fit_images), max_images=len(fit_images),
-                                  extraction=bundle.glam_extraction_config())
-        return bundle
+        """A new model of ``config.network`` (packaged ImageNet weights) whose MDA reduction and
+        GLAM FC are PCA-whitenings learned from ``fit_images`` ((H, W, 3) uint8, at most max_size)."""
+        return cls(config, new_fitted_network(config, fit_images))
 
-    # ------------------------------------------------------------------ extraction
-    def mda_extraction_config(self):
-        extraction = self.config.extraction
-        return MdaExtractionConfig(scales=tuple(extraction.scales), max_size=extraction.max_size,
-                                   top_n=extraction.top_n)
+    @classmethod
+    def from_model_file(cls, config: SystemConfig, path: str | os.PathLike) -> "ModelBundle":
+        """A trained model file (``pipelines/train.py``); its network config replaces the config's."""
+        net = RetrievalNet.load(path)
+        if net.config != config.network:
+            logger.info("using the network settings stored in %s (they differ from the config's)", path)
+        config = config.updated({})
+        config.network = net.config
+        config.model = os.fspath(path)
+        if not net.is_fitted:
+            logger.warning("%s: the MDA reduction or the GLAM FC was never fitted nor trained", path)
+        return cls(config, net)
 
-    def glam_extraction_config(self):
-        extraction = self.config.extraction
-        return GlamExtractionConfig(scales=tuple(extraction.scales), max_size=extraction.max_size)
-
-    def local_features(self, image: np.ndarray) -> LocalFeatures:
-        """MDA local features of an (H, W, 3) uint8 image (already at most ``max_size``)."""
-        return extract_local_features(self.mda, image, config=self.mda_extraction_config())
-
-    def global_descriptor(self, image: np.ndarray) -> np.ndarray:
-        """GLAM global descriptor (512,) float32 of an (H, W, 3) uint8 image."""
-        return np.asarray(extract_global_descriptor(self.glam, image,
-                                                    config=self.glam_extraction_config()),
-                          dtype=np.float32).reshape(-1)
-
-    def local_extractor(self):
-        """Callable for ``imagedata.extraction.extract_to_file``: image tensor -> local features."""
-        return LocalFeatureExtractor(self.mda, self.mda_extraction_config())
-
-    def global_extractor(self):
-        """Callable for ``imagedata.extraction.extract_to_file``: image tensor -> (1, D) global."""
-        return GlobalExtractor(self.glam, self.glam_extraction_config())
-
-    def feature_attributes(self, kind: str) -> dict:
-        """What a feature file's content depends on (a resumed file must match it)."""
-        extraction = self.config.to_dict()["extraction"]
-        extraction.pop("device")  # where the models ran does not change the features
-        return {"kind": kind, "models_id": self.models_id, "extraction": extraction}
-
+    # ------------------------------------------------------------------ features
     @property
     def global_dim(self) -> int:
-        """Size of the GLAM global descriptor."""
-        return int(self.glam.output_dim)
+        return self.net.global_dim
 
-    @property
-    def models_id(self) -> str:
-        """sha256 of the MDA and GLAM weights: identifies the features these models produce."""
-        if self._models_id is None:
-            digest = hashlib.sha256()
-            for model in (self.mda, self.glam):
-                for name, tensor in sorted(model.state_dict().items()):
-                    digest.update(name.encode())
-                    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-            self._models_id = digest.hexdigest()
-        return self._models_id
+    def extract_image(self, image: np.ndarray) -> ImageFeatures:
+        """Local and global features of an (H, W, 3) uint8 image already cropped and at most
+        ``max_size`` (the query path)."""
+        return extract_image(self.net, image, self.config.extraction)
+
+    def feature_store(self, root: str | os.PathLike) -> FeatureStore:
+        """The store of this model's features under ``root`` (keyed by its hash and settings)."""
+        return FeatureStore(root, self.model_hash, self.config.extraction)
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the bundle atomically to ``directory`` (see the module docstring)."""
+        """Write the codebook directory atomically (see the module docstring)."""
         directory = Path(directory)
-        with atomic_directory(directory) as temporary:
+        with publish_directory(directory) as temporary:
             self.config.save(temporary / CONFIG_FILE)
-            self.mda.save(temporary / MDA_FILE)
-            self.glam.save(temporary / GLAM_FILE)
+            model_hash = self.net.save(temporary / MODEL_FILE)
+            if model_hash != self.model_hash:
+                raise RuntimeError("the model changed since its hash was taken; build the bundle again")
+            params = {"model_sha256": self.model_hash}
             if self.codebook is not None:
                 self.codebook.save(temporary / CODEBOOK_FILE)
-            _write_manifest(temporary)
+                params["codebook_hash"] = self.codebook.hash
+            names = sorted(path.name for path in temporary.iterdir()
+                           if path.is_file() and path.name != MANIFEST_NAME)
+            write_arrays(temporary, kind=CODEBOOK_KIND, params=params, counts={}, arrays={}, files=names)
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, require_codebook: bool = True,
              device: str | None = None) -> "ModelBundle":
-        """Read a bundle; checks version, kind and checksums; ``device`` overrides the config's."""
-        directory = Path(directory)
-        files = verify_models_directory(directory)
+        """Read a codebook directory (its current version); checks version, kind, checksums and
+        hashes. ``device`` overrides the config's."""
+        return load_current(directory, lambda version: cls._load_version(version, require_codebook, device))
+
+    @classmethod
+    def _load_version(cls, directory: Path, require_codebook: bool, device: str | None) -> "ModelBundle":
+        manifest = verify_codebook_directory(directory)
+        files, params = manifest["files"], manifest["params"]
         if require_codebook and CODEBOOK_FILE not in files:
             raise IndexFormatError(f"{directory}: no {CODEBOOK_FILE}: train the codebook first "
                                    "(pipelines/build_codebook.py)")
         config = SystemConfig.load(directory / CONFIG_FILE)
         if device is not None:
             config.extraction.device = device
-        target_device = resolve_device(config.extraction.device)
-        mda_model = MdaModel.load(directory / MDA_FILE, map_location=target_device)
-        glam_model = GlamModel.load(directory / GLAM_FILE, map_location=target_device)
+        try:
+            net = RetrievalNet.load(directory / MODEL_FILE)
+        except ValueError as error:
+            raise IndexFormatError(str(error)) from None
+        if net.loaded_hash != params["model_sha256"]:
+            raise IndexFormatError(f"{directory / MODEL_FILE}: not the model the manifest lists (corrupt)")
         codebook = Codebook.load(directory / CODEBOOK_FILE) if CODEBOOK_FILE in files else None
-        return cls(config, mda_model, glam_model, codebook)
+        if codebook is not None and codebook.hash != params.get("codebook_hash"):
+            raise IndexFormatError(f"{directory / CODEBOOK_FILE}: not the codebook the manifest lists (corrupt)")
+        return cls(config, net, codebook, model_hash=net.loaded_hash)
 
 
-def _write_manifest(directory: Path) -> list[str]:
-    names = sorted(path.name for path in directory.iterdir()
-                   if path.is_file() and path.name != MANIFEST_NAME)
-    write_arrays(directory, kind=MODELS_KIND, params={}, counts={}, arrays={}, files=names)
-    return names
+def new_fitted_network(config: SystemConfig, fit_images: Sequence[np.ndarray]) -> RetrievalNet:
+    """A new model of ``config.network`` (packaged ImageNet weights) whose MDA reduction and GLAM
+    FC are PCA-whitenings learned from ``fit_images`` ((H, W, 3) uint8 at most ``max_size``), over
+    the extraction's pyramid scales."""
+    if not fit_images:
+        raise ValueError("no images to initialise the model from (all failed to load?)")
+    net = RetrievalNet(config.network)
+    extraction = config.extraction
+    logger.info("learning the MDA reduction and the GLAM whitening from %d images", len(fit_images))
+    net.fit_to_images((image_to_tensor(image).unsqueeze(0) for image in fit_images),
+                      scales=tuple(extraction.scales), features_per_image=extraction.top_n)
+    return net
 
 
-def verify_models_directory(directory: str | os.PathLike) -> dict[str, str]:
-    """Check a models directory (version, kind, files' checksums); returns ``{file: sha256}``."""
+def verify_codebook_directory(directory: str | os.PathLike) -> dict:
+    """Check a codebook directory (version, kind, files' checksums); returns its manifest."""
     directory = Path(directory)
     if directory.exists() and not (directory / MANIFEST_NAME).is_file():
         raise IndexFormatError(f"{directory}: not a codebook directory written by "
                                "pipelines/build_codebook.py (no manifest.json)")
-    manifest, _ = read_arrays(directory, kind=MODELS_KIND)
-    files = manifest["files"]
-    for name in (CONFIG_FILE, MDA_FILE, GLAM_FILE):
-        if name not in files:
+    manifest, _ = read_arrays(directory, kind=CODEBOOK_KIND)
+    for name in (CONFIG_FILE, MODEL_FILE):
+        if name not in manifest["files"]:
             raise IndexFormatError(f"{directory}: {name} missing from the manifest (corrupt)")
-    return {name: entry["sha256"] for name, entry in files.items()}
+    if "model_sha256" not in manifest.get("params", {}):
+        raise IndexFormatError(f"{directory}: the manifest records no model hash (corrupt)")
+    return manifest
 
 
-def copy_models_directory(source: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Copy a verified models directory into ``target`` (a folder inside an index being written)."""
-    verify_models_directory(source)
-    shutil.copytree(source, target)
-
-
-__all__ = ["ModelBundle", "verify_models_directory", "copy_models_directory",
-           "MODELS_KIND"]
+__all__ = ["ModelBundle", "new_fitted_network", "verify_codebook_directory", "CODEBOOK_KIND", "MODEL_FILE", "CODEBOOK_FILE",
+           "CONFIG_FILE"]

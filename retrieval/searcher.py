@@ -27,7 +27,7 @@ from imagedata.images import ImageLoadError, crop_to_box, load_image, resize_max
 from mda.extract import LocalFeatures
 
 from .html import HtmlResult, write_results_page
-from .index_store import RetrievalIndex
+from .index_store import RetrievalIndex, index_version
 from .matching import match_local_features
 
 MODES = ("two_stage", "asmk", "global")
@@ -158,10 +158,9 @@ class Searcher:
         image = prepare_query_image(query, max_size=self.config.extraction.max_size, bbox=bbox)
         start = time.perf_counter()
         with self._lock:
-            local = self.models.local_features(image)
-            global_descriptor = self.models.global_descriptor(image)
-        return QueryFeatures(label=label or _query_label(query, 0), image=image, local=local,
-                             global_descriptor=global_descriptor,
+            features = self.models.extract_image(image)
+        return QueryFeatures(label=label or _query_label(query, 0), image=image, local=features.local,
+                             global_descriptor=features.global_descriptor,
                              extraction_seconds=time.perf_counter() - start)
 
     def search_features(self, query: QueryFeatures, *, k: int | None = None,
@@ -247,7 +246,7 @@ class Searcher:
                 hit.matches = np.zeros((0, 4), np.float32)
                 continue
             with self._lock:
-                features = self.models.local_features(image)
+                features = self.models.extract_image(image).local
             matches = match_local_features(query.local, features, self.models.codebook,
                                            asmk=self.config.asmk)
             hit.matches = matches.points(query.local, features)
@@ -292,8 +291,7 @@ def get_searcher(index: str | os.PathLike | RetrievalIndex | Searcher, *,
     if isinstance(index, RetrievalIndex):
         return Searcher(index)
     directory = Path(index).resolve()
-    manifest = directory / "manifest.json"
-    key = (str(directory), manifest.stat().st_mtime_ns if manifest.is_file() else 0, device)
+    key = (str(directory), index_version(directory), device)
     with _SEARCHERS_LOCK:
         if key not in _SEARCHERS:
             for stale in [other for other in _SEARCHERS if other[0] == key[0]]:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from asmk_index.asmk import AsmkIndex
 from asmk_index.codebook import Codebook
-from asmk_index.persistence import IndexFormatError
+from asmk_index.persistence import IndexFormatError, current_version
 
 DIM = 32
 WORDS = 64
@@ -286,7 +286,8 @@ def _saved(tmp_path, dataset) -> tuple:
     index.add(descriptors, ids)
     directory = tmp_path / "index"
     index.save(directory)
-    return directory, json.loads((directory / "manifest.json").read_text())
+    version = current_version(directory)       # the published version's files (damaged below)
+    return version, json.loads((version / "manifest.json").read_text())
 
 
 def _flip_byte(path, offset_from_end=5):

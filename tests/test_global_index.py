@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from asmk_index.global_index import GlobalIndex
-from asmk_index.persistence import IndexFormatError
+from asmk_index.persistence import IndexFormatError, current_version
 
 DIM = 16
 
@@ -182,7 +182,7 @@ def test_save_load_identical(tmp_path, data, method, options):
     found = loaded.search(queries, 8)
     np.testing.assert_array_equal(found[0], expected[0])
     np.testing.assert_array_equal(found[1], expected[1])
-    manifest = json.loads((tmp_path / "global" / "manifest.json").read_text())
+    manifest = json.loads((current_version(tmp_path / "global") / "manifest.json").read_text())
     assert manifest["params"]["method"] == method and manifest["counts"]["images"] == 293
     loaded.add(database[:7], ids[:7])               # a loaded index stays usable
     assert len(loaded) == 300
@@ -193,14 +193,14 @@ def test_corrupt_directory_is_refused(tmp_path, data):
     index = GlobalIndex(DIM, method="ivf", nlist=4)
     index.add(database, ids)
     index.save(tmp_path / "global")
-    vectors = tmp_path / "global" / "vectors.npy"
+    vectors = current_version(tmp_path / "global") / "vectors.npy"
     content = bytearray(vectors.read_bytes())
     content[-5] ^= 0xFF
     vectors.write_bytes(bytes(content))
     with pytest.raises(IndexFormatError, match="checksum"):
         GlobalIndex.load(tmp_path / "global")
     index.save(tmp_path / "global")                 # overwrite repairs it
-    manifest_path = tmp_path / "global" / "manifest.json"
+    manifest_path = current_version(tmp_path / "global") / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["counts"]["images"] = 12
     manifest_path.write_text(json.dumps(manifest))

@@ -16,9 +16,13 @@ def test_demo_script_runs_end_to_end(tmp_path, capsys):
                       "--distractors", "2", "--k", "3", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "HTML page with the results:" in printed
-    for path in ("results.html", "results.json", "config.yaml", "index/manifest.json",
-                 "codebook/codebook.npz", "collection/groundtruth.json"):
+    from asmk_index.persistence import current_version
+    for path in ("results.html", "results.json", "config.yaml", "collection/groundtruth.json"):
         assert (out / path).is_file(), path
+    assert (current_version(out / "index") / "manifest.json").is_file()
+    assert (current_version(out / "codebook") / "codebook.npz").is_file()
+    # the index found every image's features in the store the codebook run filled
+    assert "found in the feature store, 0 extracted" in printed
     results = json.loads((out / "results.json").read_text())
     assert len(results) == 5 and all(len(r["results"]) == 3 for r in results)
     assert (out / "results.html").read_text().count("data:image/jpeg;base64,") >= 5 * (1 + 6)

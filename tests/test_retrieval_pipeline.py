@@ -1,7 +1,8 @@
-"""The whole system on real photos (ukbench-dev at small resolution): codebook directory, index,
-append, remove, two-stage search (the query's own object first), evaluation of the three modes,
-an interrupted index run that resumes without extracting any image twice, broken files skipped
-and reported, the command-line scripts and the HTML page."""
+"""The whole system on real photos (ukbench-dev at small resolution): codebook directory, index
+(reusing the codebook run's features, referring to its model), append, remove, two-stage search
+(the query's own object first), evaluation of the three modes, an interrupted index run that
+resumes without extracting any image twice, broken files skipped and reported, the command-line
+scripts and the HTML page."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 from asmk_index.feature_file import FeatureFile
-from asmk_index.persistence import IndexFormatError
+import retrieval.extraction as extraction_module
+from asmk_index.persistence import IndexFormatError, current_version
 from retrieval import Searcher, search
 from retrieval.builder import SmallCollectionWarning, build_codebook, build_index
 from retrieval.config import SystemConfig
@@ -33,7 +35,7 @@ REQUESTED_WORDS = 4096    # far too many for this collection: capped, with a war
 CONFIG = SystemConfig().updated({
     "extraction": {"max_size": 200, "scales": [1.0, 0.7071], "top_n": 200, "device": "cpu"},
     "codebook": {"fit_images": 12},
-    "glam": {"whitening_power": 0.0},
+    "network": {"glam": {"whitening_power": 0.0}},
     "search": {"shortlist": 20},
 })
 
@@ -61,39 +63,49 @@ def collection(tmp_path_factory):
             "junk": [i], "bbx": None} for i in range(len(names))]
     with open(dataset / "gnd_ukbench-test.pkl", "wb") as handle:
         pickle.dump({"imlist": stems, "qimlist": stems, "gnd": gnd}, handle)
-    work = root / "features"
     with pytest.warns(SmallCollectionWarning, match="too few"):
         codebook_report = build_codebook(dataset / "jpg", root / "codebook", config=CONFIG,
-                                          size=REQUESTED_WORDS, work_dir=work, progress=False)
+                                          size=REQUESTED_WORDS, progress=False)
     index_report = build_index(root / "index", images=dataset / "jpg",
-                               codebook=root / "codebook", work_dir=work, progress=False)
+                               codebook=root / "codebook", progress=False)
     return {"root": root, "dataset": dataset, "names": names, "codebook": root / "codebook",
             "index": root / "index", "codebook_report": codebook_report,
-            "index_report": index_report, "work": work}
+            "index_report": index_report, "store": root / ".codebook.features"}
 
 
-def test_codebook_directory_carries_models_and_capped_size(collection):
+def test_codebook_directory_carries_one_model_and_capped_size(collection):
     report = collection["codebook_report"]
     directory = collection["codebook"]
-    assert sorted(p.name for p in directory.iterdir()) == [
-        "codebook.npz", "config.yaml", "glam.pt", "manifest.json", "mda.pt"]
+    assert sorted(p.name for p in current_version(directory).iterdir()) == [
+        "codebook.npz", "config.yaml", "manifest.json", "model.pt"]
     assert report.images == 4 * BASE_OBJECTS and report.requested_size == REQUESTED_WORDS
     assert report.size == report.training_descriptors // 30 < REQUESTED_WORDS
+    assert report.extracted == 4 * BASE_OBJECTS and report.reused == 0
     bundle = ModelBundle.load(directory)
-    assert bundle.codebook.size == report.size
+    assert bundle.codebook.size == report.size and bundle.model_hash == report.model_sha256
     assert bundle.config.extraction.max_size == 200
-    # the index uses exactly those models: same weights, same codebook
+    # the index uses exactly that model and codebook, by reference: no copy of the weights
     index = RetrievalIndex.load(collection["index"])
-    assert index.models.models_id == bundle.models_id
+    assert index.models.model_hash == bundle.model_hash
     assert index.models.codebook.hash == bundle.codebook.hash
+    assert not list(collection["index"].rglob("*.pt"))
     # a damaged model file is refused with a message naming it
     broken = collection["root"] / "codebook_broken"
     shutil.copytree(directory, broken)
-    with open(broken / "mda.pt", "r+b") as handle:
+    with open(current_version(broken) / "model.pt", "r+b") as handle:
         handle.seek(100)
         handle.write(b"\x00\x01\x02\x03")
-    with pytest.raises(IndexFormatError, match="mda.pt"):
+    with pytest.raises(IndexFormatError, match="model.pt"):
         ModelBundle.load(broken)
+
+
+def test_index_reuses_the_codebook_runs_features(collection):
+    report = collection["index_report"]
+    assert report.extracted == 0 and report.reused == 4 * BASE_OBJECTS
+    stores = list(collection["store"].glob("*/features.h5"))
+    assert len(stores) == 1  # keyed by the model's hash and the settings
+    with FeatureFile(stores[0]) as stored:
+        assert len(stored) == 4 * BASE_OBJECTS
 
 
 def test_index_report_and_search_ranks_own_object_first(collection):
@@ -135,8 +147,7 @@ def test_append_and_remove_without_rebuilding(collection, tmp_path):
     folder = tmp_path / "all"
     shutil.copytree(collection["dataset"] / "jpg", folder)
     extra = copy_photos(range(4 * BASE_OBJECTS, 4 * (BASE_OBJECTS + EXTRA_OBJECTS)), folder)
-    report = build_index(index_dir, images=folder, append=True, work_dir=collection["work"],
-                         progress=False)
+    report = build_index(index_dir, images=folder, append=True, progress=False)
     assert sorted(report.added) == sorted(extra)
     assert len(report.already_indexed) == 4 * BASE_OBJECTS
     assert report.images == 4 * (BASE_OBJECTS + EXTRA_OBJECTS)
@@ -151,7 +162,7 @@ def test_append_and_remove_without_rebuilding(collection, tmp_path):
     assert len(reloaded) == 4 * (BASE_OBJECTS + EXTRA_OBJECTS) - 3
     names = reloaded.search(query, k=len(reloaded), mode="global").names
     assert not set(removed) & set(names)
-    assert json.loads((index_dir / "report.json").read_text())["removed"] == report.removed
+    assert RetrievalIndex.report(index_dir)["removed"] == report.removed
 
 
 def test_evaluate_three_modes_and_ns_score(collection):
@@ -176,35 +187,34 @@ def test_interrupted_index_run_resumes_without_extracting_twice(collection, tmp_
     folder = tmp_path / "photos"
     names = copy_photos(range(28, 34), folder)
     calls = []
-    original = ModelBundle.local_extractor
+    original = extraction_module.BatchExtractor.__call__
 
-    def counting_extractor(self, interrupt_after=None):
-        extractor = original(self)
+    def counting(self, images, interrupt_after=None):
+        if interrupt_after is not None and len(calls) == interrupt_after:
+            raise KeyboardInterrupt  # the user presses Ctrl-C during the 4th image
+        calls.append(tuple(images.shape))
+        return original(self, images)
 
-        def extract(image):
-            if interrupt_after is not None and len(calls) == interrupt_after:
-                raise KeyboardInterrupt  # the user presses Ctrl-C during the 4th image
-            calls.append(tuple(image.shape))
-            return extractor(image)
-        return extract
-
-    monkeypatch.setattr(ModelBundle, "local_extractor",
-                        lambda self: counting_extractor(self, interrupt_after=3))
-    work, index_dir = tmp_path / "work", tmp_path / "index"
+    monkeypatch.setattr(extraction_module.BatchExtractor, "__call__",
+                        lambda self, images: counting(self, images, interrupt_after=3))
+    store, index_dir = tmp_path / "store", tmp_path / "index"
     with pytest.raises(KeyboardInterrupt):
-        build_index(index_dir, images=folder, codebook=collection["codebook"], work_dir=work,
+        build_index(index_dir, images=folder, codebook=collection["codebook"], feature_store=store,
                     progress=False)
     assert not index_dir.exists()  # no half-written index
     assert len(calls) == 3
-    with FeatureFile(work / "local.h5") as stored:
+    [features_file] = store.glob("*/features.h5")
+    with FeatureFile(features_file) as stored:
         assert len(stored) == 3
-    monkeypatch.setattr(ModelBundle, "local_extractor", lambda self: counting_extractor(self))
+    monkeypatch.setattr(extraction_module.BatchExtractor, "__call__",
+                        lambda self, images: counting(self, images))
     report = build_index(index_dir, images=folder, codebook=collection["codebook"],
-                         work_dir=work, progress=False)
+                         feature_store=store, progress=False)
     assert len(calls) == len(names)  # 3 before the interruption + 3 after: none twice
+    assert report.extracted == 3 and report.reused == 3
     assert sorted(report.added) == sorted(names) and report.images == len(names)
-    with FeatureFile(work / "local.h5") as stored:
-        assert sorted(stored.names) == sorted(names)
+    with FeatureFile(features_file) as stored:
+        assert len(stored) == len(names)
 
 
 def test_broken_files_are_skipped_and_named(collection, tmp_path):
@@ -215,11 +225,11 @@ def test_broken_files_are_skipped_and_named(collection, tmp_path):
     (folder / "notes.jpg").write_text("this is a text file, not a photo\n")
     index_dir = tmp_path / "index"
     report = build_index(index_dir, images=folder, codebook=collection["codebook"],
-                         work_dir=tmp_path / "work", progress=False)
+                         feature_store=tmp_path / "store", progress=False)
     assert sorted(report.added) == sorted(good) and report.images == 3
     assert sorted(report.failures) == ["notes.jpg", "truncated.jpg"]
     assert "truncated" in report.failures["truncated.jpg"].lower()
-    saved = json.loads((index_dir / "report.json").read_text())
+    saved = RetrievalIndex.report(index_dir)
     assert sorted(saved["failures"]) == ["notes.jpg", "truncated.jpg"]
     assert len(Searcher(index_dir)) == 3
 

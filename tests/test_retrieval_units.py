@@ -27,12 +27,21 @@ def test_config_yaml_round_trip_and_partial_files(tmp_path):
     assert SystemConfig.load(path) == config
     partial = tmp_path / "partial.yaml"
     partial.write_text("extraction: {max_size: 256, scales: [1.0, 0.5]}\n"
-                       "codebook: {size: 1024}\nmda: {num_heads: 2}\nglam: {output_dim: 256}\n")
+                       "codebook: {size: 1024}\nnetwork: {mda: {num_heads: 2}, glam: {output_dim: 256},\n"
+                       "          backbone: {name: efficientnet_lite2}}\n"
+                       "train: {local_loss: none, trainable_stages: null}\nmodel: runs/a/model.pt\n")
     loaded = SystemConfig.load(partial)
     assert loaded.extraction.max_size == 256 and loaded.extraction.scales == (1.0, 0.5)
-    assert loaded.codebook.size == 1024 and loaded.mda.num_heads == 2
-    assert loaded.glam.output_dim == 256
+    assert loaded.codebook.size == 1024 and loaded.network.mda.num_heads == 2
+    assert loaded.network.glam.output_dim == 256
+    # one backbone: both heads' backbone settings follow it, each at its own tap
+    assert loaded.network.backbone.name == "efficientnet_lite2" and loaded.network.backbone.tap == "stride32"
+    assert loaded.network.mda.backbone.name == "efficientnet_lite2" == loaded.network.glam.backbone.name
+    assert (loaded.network.mda.backbone.tap, loaded.network.glam.backbone.tap) == ("stride16", "stride32")
+    assert loaded.train.local_loss == "none" and loaded.train.trainable_stages is None
+    assert loaded.model == str(tmp_path / "runs/a/model.pt")  # relative to the config file
     assert loaded.asmk == AsmkConfig() and loaded.extraction.top_n == 1000  # defaults kept
+    assert SystemConfig.load(path).network == SystemConfig().network
 
 
 @pytest.mark.parametrize("text, message", [
@@ -40,7 +49,9 @@ def test_config_yaml_round_trip_and_partial_files(tmp_path):
     ("asmk: {binary: 3}\n", "true/false"),
     ("- a list\n", "mapping"),
     ("extraction: [unclosed\n", "not valid YAML"),
-    ("mda: {num_heads: 0}\n", "num_heads"),
+    ("network: {mda: {num_heads: 0}}\n", "num_heads"),
+    ("train: {global_loss: none, local_loss: none}\n", "nothing to train"),
+    ("extraction: {precision: half}\n", "precision"),
 ])
 def test_config_errors_name_the_file_and_the_problem(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -104,7 +115,7 @@ def test_prepare_query_crops_in_original_pixels_then_downscales(tmp_path):
     assert floats.dtype == np.uint8 and floats.max() == 255
     with pytest.raises(TypeError, match="unsupported query type"):
         prepare_query_image(42, max_size=100)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match=r"bbox \(700.0, 0.0, 800.0, 10.0\) lies outside the 600x400 image"):
         prepare_query_image(array, max_size=100, bbox=(700, 0, 800, 10))
 
 
@@ -201,17 +212,29 @@ def test_build_codebook_script_applies_overrides(tmp_path):
 
 
 # ----------------------------------------------------------------------------- feature cache
-def test_feature_cache_of_other_models_is_discarded(tmp_path):
-    from asmk_index.feature_file import FeatureFileWriter
-    from retrieval.extraction import discard_stale_feature_file
-    attributes = {"kind": "global", "models_id": "abc", "extraction": {"scales": [1.0, 0.5]}}
-    path = tmp_path / "global.h5"
-    with FeatureFileWriter(path, kind="global", dim=4, attributes=attributes) as writer:
-        writer.add("a.jpg", np.ones((1, 4), np.float32))
-    discard_stale_feature_file(path, {**attributes, "extraction": {"scales": (1.0, 0.5)}})
-    assert path.is_file()  # same models and settings: kept (resumable)
-    discard_stale_feature_file(path, {**attributes, "models_id": "other"})
-    assert not path.exists()
-    path.write_text("not hdf5")
-    discard_stale_feature_file(path, attributes)
-    assert not path.exists()
+def test_feature_store_is_keyed_by_model_and_settings_and_records_by_file(tmp_path):
+    import os
+    from retrieval.config import ExtractionConfig
+    from retrieval.extraction import FeatureStore, record_key
+    settings = ExtractionConfig(max_size=256, scales=(1.0, 0.5), top_n=300)
+    store = FeatureStore(tmp_path, "a" * 64, settings)
+    # where or how fast features are computed does not change them: same store
+    same = ExtractionConfig(max_size=256, scales=(1.0, 0.5), top_n=300, device="cpu", batch_size=4,
+                            channels_last=False)
+    assert FeatureStore(tmp_path, "a" * 64, same).path == store.path
+    # another model, or settings that change the features: another store
+    assert FeatureStore(tmp_path, "b" * 64, settings).path != store.path
+    for other in (ExtractionConfig(max_size=320, scales=(1.0, 0.5), top_n=300),
+                  ExtractionConfig(max_size=256, scales=(1.0,), top_n=300),
+                  ExtractionConfig(max_size=256, scales=(1.0, 0.5), top_n=200),
+                  ExtractionConfig(max_size=256, scales=(1.0, 0.5), top_n=300, precision="mixed")):
+        assert FeatureStore(tmp_path, "a" * 64, other).path != store.path
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"first")
+    key = record_key(photo)
+    assert key.startswith(str(photo)) and record_key(tmp_path / "." / "photo.jpg") == key
+    photo.write_bytes(b"changed!")  # another size: extracted again
+    resized = record_key(photo)
+    assert resized != key
+    os.utime(photo, ns=(1, 1))  # the same size but another modification time: again
+    assert record_key(photo) not in (key, resized)

@@ -9,7 +9,9 @@ import pytest
 from asmk_index.asmk import AsmkIndex
 from asmk_index.codebook import Codebook
 from asmk_index.global_index import GlobalIndex
-from asmk_index.persistence import IndexFormatError, write_arrays
+import shutil
+
+from asmk_index.persistence import IndexFormatError, current_version, sha256_of_file, write_arrays
 from asmk_index.two_stage import SearchResult, TwoStageIndex
 
 LOCAL_DIM, GLOBAL_DIM, WORDS, IMAGES = 32, 16, 24, 40
@@ -220,7 +222,7 @@ def test_save_load_identical_and_refuses_corruption(tmp_path, collection):
                 for g, l in queries for mode in ("two_stage", "asmk", "global")]
     target = tmp_path / "index"
     index.save(target)
-    assert sorted(p.name for p in target.iterdir()) == [
+    assert sorted(p.name for p in current_version(target).iterdir()) == [
         "asmk", "asmk_image_ids.npy", "global", "image_ids.npy", "manifest.json"]
     loaded = TwoStageIndex.load(target)
     assert len(loaded) == IMAGES - 2 and loaded.global_index.params == index.global_index.params
@@ -231,7 +233,7 @@ def test_save_load_identical_and_refuses_corruption(tmp_path, collection):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]      # no temporary left
 
     # a corrupt component file
-    vectors = target / "global" / "vectors.npy"
+    vectors = current_version(target) / "global" / "vectors.npy"
     content = bytearray(vectors.read_bytes())
     content[-3] ^= 0x55
     vectors.write_bytes(bytes(content))
@@ -242,19 +244,26 @@ def test_save_load_identical_and_refuses_corruption(tmp_path, collection):
     index.save(target)
     other = GlobalIndex(GLOBAL_DIM)
     other.add(collection.global_descriptors[:5], collection.ids[:5])
-    other.save(target / "global")
+    other.save(tmp_path / "other")
+    version = current_version(target)
+    shutil.rmtree(version / "global")
+    shutil.copytree(current_version(tmp_path / "other"), version / "global")
     with pytest.raises(IndexFormatError, match="checksum"):
         TwoStageIndex.load(target)
 
-    # consistent checksums but components over other images: an id mismatch
-    manifest = json.loads((target / "manifest.json").read_text())
-    write_arrays(target, kind=manifest["kind"], params=manifest["params"],
+    # consistent checksums (CURRENT's record of the top manifest's included) but components
+    # over other images: an id mismatch
+    manifest = json.loads((version / "manifest.json").read_text())
+    write_arrays(version, kind=manifest["kind"], params=manifest["params"],
                  counts=manifest["counts"],
-                 arrays={name: np.load(target / f"{name}.npy")
+                 arrays={name: np.load(version / f"{name}.npy")
                          for name in ("image_ids", "asmk_image_ids")},
-                 components={"global": target / "global", "asmk": target / "asmk"})
-    with pytest.raises(IndexFormatError, match="mismatch"):
+                 components={"global": version / "global", "asmk": version / "asmk"})
+    pointer = json.loads((target / "CURRENT").read_text())
+    pointer["manifest_sha256"] = sha256_of_file(version / "manifest.json")
+    (target / "CURRENT").write_text(json.dumps(pointer))
+    with pytest.raises(IndexFormatError, match="image id mismatch"):
         TwoStageIndex.load(target)
-    (target / "manifest.json").write_text("{truncated")
+    (version / "manifest.json").write_text("{truncated")
     with pytest.raises(IndexFormatError, match="corrupt"):
         TwoStageIndex.load(target)

@@ -201,7 +201,7 @@ class GlobalIndex:
         augmentation when ``dba_neighbors`` > 0 (recomputed here after a change)."""
         if not self.params.dba_neighbors:
             return self.vectors
-        if self._dba is None or self._dba.shape[0] != self._size:
+        if self._dba is None:
             self._dba = self._augment_database()
         return self._dba
 

@@ -348,8 +348,8 @@ class TwoStageIndex:
                                       verify_top, stage3)
 
     def _stage3_query(self, local_query, query_geometry, verification):
-        """(prepared query features, config) for stage 3, or a clear error."""
-        from .verification import QueryFeatures, VerificationConfig   # OpenCV: imported on use
+        """(query xy (n, 2), config) for stage 3 after checks, or a clear error."""
+        from .verification import VerificationConfig   # OpenCV: imported on first use
         if self.local_store is None:
             raise ValueError("verify_top: this index keeps no local features (create it with "
                              "local_features=True and add images with local_geometry)")
@@ -359,16 +359,13 @@ class TwoStageIndex:
         geometry = np.asarray(query_geometry)
         if geometry.ndim != 2 or geometry.shape[1] not in (2, 3):
             raise ValueError(f"query_geometry: expected (n, 2) or (n, 3), got {geometry.shape}")
-        xy = check_geometry(geometry[:, :2] if geometry.shape[1] == 3 else
-                            np.column_stack([geometry, np.zeros(geometry.shape[0])]),
-                            local_query.shape[0], name="query_geometry")[:, :2]
+        if geometry.shape[1] == 2:      # no scales: a zero column to pass the same checks
+            geometry = np.column_stack([geometry, np.zeros(geometry.shape[0])])
+        xy = check_geometry(geometry, local_query.shape[0], name="query_geometry")[:, :2]
         config = VerificationConfig() if verification is None else verification
         if not isinstance(config, VerificationConfig):
             raise TypeError(f"verification must be a VerificationConfig, got {type(config)}")
-        codebook = self.asmk_index.codebook
-        assignment = min(config.query_assignment, codebook.size)
-        words = codebook.quantize(local_query, assignment)
-        return QueryFeatures.from_descriptors(local_query, words, codebook.centroids, xy), config
+        return xy, config
 
     def _asmk_scores(self, local_query: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """ASMK* scores of ``ids`` (0 for images without local descriptors or an empty query)."""
@@ -393,7 +390,7 @@ class TwoStageIndex:
         if verify_top:
             final_scores, order, inliers, verifications = self._verify_and_rerank(
                 stage3, candidates, global_scores, asmk_scores, final_scores, order, ranking,
-                verify_top)
+                local_query, verify_top)
         order = order[:k]
         done = time.perf_counter()
         return SearchResult(ids=candidates[order], scores=final_scores[order],
@@ -406,11 +403,14 @@ class TwoStageIndex:
                             stage3_seconds=done - end)
 
     def _verify_and_rerank(self, stage3, candidates, global_scores, asmk_scores, final_scores,
-                           order, ranking, verify_top):
+                           order, ranking, local_query, verify_top):
         """Stage 3 on the top ``verify_top`` of ``order``; returns (scores, order, inliers (n,)
         -1 where not verified, verifications (n,) list) over the shortlist positions."""
-        from .verification import verify_images
-        query, config = stage3
+        from .verification import QueryFeatures, verify_images
+        query_xy, config = stage3
+        codebook = self.asmk_index.codebook
+        words = codebook.quantize(local_query, min(config.query_assignment, codebook.size))
+        query = QueryFeatures.from_descriptors(local_query, words, codebook.centroids, query_xy)
         top = order[:verify_top]
         has_features = self.local_store.contains(candidates[top])
         checked = top[has_features]
@@ -457,33 +457,42 @@ class TwoStageIndex:
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> None:
         """Publish ``directory`` (a new version under the writer lock, or plainly as a component
-        of a directory being published) with sub-directories "global" and "asmk" and a top
-        manifest checksumming both and listing the image ids of each."""
+        of a directory being published) with sub-directories "global" and "asmk" (and "local",
+        the local feature store, when kept) and a top manifest checksumming them and listing the
+        image ids of each."""
         with publish_directory(directory) as temporary:
             self.global_index.save(temporary / GLOBAL_COMPONENT)
             self.asmk_index.save(temporary / ASMK_COMPONENT)
+            components = {GLOBAL_COMPONENT: temporary / GLOBAL_COMPONENT,
+                          ASMK_COMPONENT: temporary / ASMK_COMPONENT}
             image_ids = np.sort(self.global_index.image_ids)
             asmk_ids = np.sort(np.asarray(self.asmk_index.image_ids, np.int64))
+            counts = {"images": int(image_ids.size), "asmk_images": int(asmk_ids.size)}
+            if self.local_store is not None:
+                self.local_store.save(temporary / LOCAL_COMPONENT)
+                components[LOCAL_COMPONENT] = temporary / LOCAL_COMPONENT
+                counts["local_images"] = len(self.local_store)
             write_arrays(temporary, kind=TWO_STAGE_KIND,
                          params={"global_dim": self.global_dim, "local_dim": self.local_dim},
-                         counts={"images": int(image_ids.size),
-                                 "asmk_images": int(asmk_ids.size)},
+                         counts=counts,
                          arrays={"image_ids": image_ids, "asmk_image_ids": asmk_ids},
-                         components={GLOBAL_COMPONENT: temporary / GLOBAL_COMPONENT,
-                                     ASMK_COMPONENT: temporary / ASMK_COMPONENT})
+                         components=components)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "TwoStageIndex":
         """Read a directory written by :meth:`save`; checksums, components and id sets are checked
         (:class:`IndexFormatError` on any mismatch); the current version is read whole, even
-        while a writer replaces it."""
+        while a writer replaces it. The local feature store, when present, is memory-mapped."""
         return load_current(directory, cls._load_version)
 
     @classmethod
     def _load_version(cls, directory: Path) -> "TwoStageIndex":
         manifest, arrays = read_arrays(directory, kind=TWO_STAGE_KIND)
-        require(set(manifest.get("components", {})) == {GLOBAL_COMPONENT, ASMK_COMPONENT},
-                directory, "corrupt two-stage index: components 'global' and 'asmk' expected")
+        components = set(manifest.get("components", {}))
+        require(components in ({GLOBAL_COMPONENT, ASMK_COMPONENT},
+                               {GLOBAL_COMPONENT, ASMK_COMPONENT, LOCAL_COMPONENT}),
+                directory, "corrupt two-stage index: components 'global' and 'asmk' (and "
+                "optionally 'local') expected")
         require({"image_ids", "asmk_image_ids"} <= set(arrays), directory,
                 "corrupt two-stage index: image id lists missing")
         global_index = GlobalIndex.load(directory / GLOBAL_COMPONENT)
@@ -495,9 +504,13 @@ class TwoStageIndex:
                 "image id mismatch: the ASMK* index does not hold the images the manifest lists")
         require(bool(np.isin(asmk_ids, global_index.image_ids).all()), directory,
                 "image id mismatch: the ASMK* index holds images the global index lacks")
-        check_counts(directory, manifest, {"images": len(global_index),
-                                           "asmk_images": int(asmk_ids.size)})
+        counts = {"images": len(global_index), "asmk_images": int(asmk_ids.size)}
+        local_store = None
+        if LOCAL_COMPONENT in components:
+            local_store = LocalFeatureStore.load(directory / LOCAL_COMPONENT, mmap=True)
+            counts["local_images"] = len(local_store)
+        check_counts(directory, manifest, counts)
         try:
-            return cls(global_index, asmk_index)
+            return cls(global_index, asmk_index, local_store)
         except ValueError as error:
             raise IndexFormatError(f"{directory}: {error}") from error

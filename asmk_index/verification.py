@@ -5,7 +5,7 @@ Functional API::
 
     pairs, hamming = tentative_matches(query_words, query_signatures, db_words, db_signatures,
                                        max_hamming=...)            # (k, 2) (query i, db j)
-    result = verify(query_xy, db_xy, pairs, model="affine", threshold_px=...)
+    result = verify(query_xy, db_xy, pairs, model="affine", threshold_px=24.0)
     result.inliers, result.query_xy, result.db_xy, result.model  # count, (m, 2), (m, 2), 3x3
 
 Batched for one query against many images (what :class:`TwoStageIndex` uses)::
@@ -30,7 +30,7 @@ grocery-dev was not used to choose them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -58,12 +58,12 @@ class VerificationConfig:
     max_iterations, confidence: the estimator's iteration cap and stopping confidence.
     """
 
-    max_hamming: int = 48
+    max_hamming: int = 40
     query_assignment: int = 1
     one_to_one: bool = True
     model: str = "affine"
-    threshold_px: float = 12.0
-    min_inliers: int = 6
+    threshold_px: float = 24.0
+    min_inliers: int = 13
     estimator: str = "magsac"
     max_iterations: int = 1000
     confidence: float = 0.99
@@ -222,16 +222,14 @@ def tentative_matches(query_words, query_signatures, db_words, db_signatures, ma
 
 
 # --------------------------------------------------------------------- geometry
-def verify(query_xy, db_xy, pairs, *, model: str = "affine", threshold_px: float = 12.0,
-           min_inliers: int = 6, estimator: str = "magsac", max_iterations: int = 1000,
-           confidence: float = 0.99) -> VerificationResult:
-    """Robust fit of ``model`` to the correspondences ``pairs`` (k, 2) between ``query_xy``
-    (n, 2) and ``db_xy`` (m, 2) pixel positions; the inliers (reprojection error at most
-    ``threshold_px`` in the database image) score the image. Fewer than ``min_inliers``
-    (or too few correspondences for the model): a rejected result."""
-    config = VerificationConfig(model=model, threshold_px=float(threshold_px),
-                                min_inliers=int(min_inliers), estimator=estimator,
-                                max_iterations=int(max_iterations), confidence=float(confidence))
+def verify(query_xy, db_xy, pairs, config: VerificationConfig | None = None,
+           **options) -> VerificationResult:
+    """Robust fit of ``config.model`` to the correspondences ``pairs`` (k, 2) between
+    ``query_xy`` (n, 2) and ``db_xy`` (m, 2) pixel positions; the inliers (reprojection error at
+    most ``threshold_px`` in the database image) score the image. Fewer than ``min_inliers``
+    (or too few correspondences for the model): a rejected result. ``options`` override fields
+    of ``config`` (default :class:`VerificationConfig`), e.g. ``model="homography"``."""
+    config = replace(config or VerificationConfig(), **options)
     return _fit(np.asarray(query_xy, np.float32), np.asarray(db_xy, np.float32),
                 np.asarray(pairs, np.int64).reshape(-1, 2), config)
 

@@ -215,6 +215,9 @@ def test_dba_augments_the_database_and_is_recomputed_after_add_and_remove(method
         np.searchsorted(index.image_ids, first[0])] @ vectors[0], atol=1e-5)
     index.add(vectors[60:], np.arange(60, labels.size))
     np.testing.assert_allclose(index.search_vectors, dba_reference(vectors, 3, 2.0), atol=1e-5)
+    _, scores = index.search(vectors[70], 10)           # faiss structures hold the new vectors
+    expected = np.sort(dba_reference(vectors, 3, 2.0) @ vectors[70])[::-1][:10]
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
     removed = np.arange(0, labels.size, 4)
     index.remove(removed)
     kept = np.setdiff1d(np.arange(labels.size), removed)
@@ -240,3 +243,17 @@ def test_dba_improves_retrieval_of_clustered_data():
     before = mean_average_precision(plain, queries, labels[::6], labels)
     after = mean_average_precision(augmented, queries, labels[::6], labels)
     assert after > before + 0.03, (before, after)
+
+
+def test_two_stage_search_expands_the_global_query(small_index):
+    index, (global_query, local_query) = small_index
+    expanded = index.global_index.expand_query(global_query, 3, 3.0)
+    for mode in ("two_stage", "global", "asmk"):
+        with_qe = index.search(global_query, local_query, k=10, shortlist=10, mode=mode,
+                               query_expansion=3, qe_alpha=3.0)
+        direct = index.search(expanded, local_query, k=10, shortlist=10, mode=mode)
+        np.testing.assert_array_equal(with_qe.ids, direct.ids)
+        np.testing.assert_allclose(with_qe.global_scores, direct.global_scores, atol=1e-6)
+    plain = index.search(global_query, local_query, k=10, mode="global")
+    with_qe = index.search(global_query, local_query, k=10, mode="global", query_expansion=3)
+    assert not np.allclose(plain.global_scores, with_qe.global_scores)

@@ -1,0 +1,354 @@
+"""Spatial verification: tentative correspondences, robust fits on synthetic points, a planted
+homography between two real photos, and stage 3 of TwoStageIndex through append, remove and
+save/load."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from asmk_index.codebook import Codebook
+from asmk_index.local_store import ImageFeatures, binary_signatures
+from asmk_index.verification import (QueryFeatures, VerificationConfig, tentative_matches,
+                                     verify, verify_images)
+
+BYTES = 4                                 # 32-bit signatures in the synthetic tests
+
+
+def flip_bits(signature: np.ndarray, count: int) -> np.ndarray:
+    """``signature`` (BYTES,) uint8 with its first ``count`` bits flipped."""
+    bits = np.unpackbits(signature, bitorder="little")
+    bits[:count] ^= 1
+    return np.packbits(bits, bitorder="little")
+
+
+# ---------------------------------------------------------------------- correspondences
+def test_tentative_matches_need_a_shared_word_and_a_small_hamming_distance():
+    rng = np.random.default_rng(0)
+    query_words = np.array([[3, 8], [5, 1], [9, 2]])              # two words per descriptor
+    query_signatures = rng.integers(0, 256, (3, 2, BYTES), dtype=np.uint8)
+    db_words = np.array([8, 5, 7, 2, 5])
+    db_signatures = np.stack([
+        flip_bits(query_signatures[0, 1], 3),     # query 0's 2nd word, distance 3: match
+        flip_bits(query_signatures[1, 0], 9),     # query 1's 1st word, distance 9: too far
+        query_signatures[2, 0],                   # word 7 is no query word: no match
+        flip_bits(query_signatures[2, 1], 0),     # query 2's 2nd word, distance 0: match
+        flip_bits(query_signatures[1, 0], 8),     # query 1's 1st word, distance 8: match
+    ])
+    pairs, hamming = tentative_matches(query_words, query_signatures, db_words, db_signatures,
+                                       max_hamming=8)
+    np.testing.assert_array_equal(pairs, [[0, 0], [2, 3], [1, 4]])
+    np.testing.assert_array_equal(hamming, [3, 0, 8])
+    none, _ = tentative_matches(query_words, query_signatures, db_words, db_signatures,
+                                max_hamming=2)
+    np.testing.assert_array_equal(none, [[2, 3]])
+
+
+def test_one_to_one_keeps_the_closest_partner():
+    rng = np.random.default_rng(1)
+    d0 = rng.integers(0, 256, BYTES, dtype=np.uint8)
+    d1 = flip_bits(d0, 3)                                 # bits 0-2 differ
+    q0 = d1.copy()
+    q0[0] ^= 1                                            # distance 1 to d1, 2 to d0
+    q1 = d0.copy()                                        # distance 0 to d0, 3 to d1
+    words, signatures = np.array([[4], [4]]), np.stack([q0, q1])[:, None]
+    pairs, hamming = tentative_matches(words, signatures, np.array([4, 4]), np.stack([d0, d1]),
+                                       max_hamming=32, one_to_one=False)
+    assert dict(zip(map(tuple, pairs.tolist()), hamming.tolist())) == {
+        (0, 0): 2, (0, 1): 1, (1, 0): 0, (1, 1): 3}
+    pairs, hamming = tentative_matches(words, signatures, np.array([4, 4]), np.stack([d0, d1]),
+                                       max_hamming=32)
+    assert dict(zip(map(tuple, pairs.tolist()), hamming.tolist())) == {(1, 0): 0, (0, 1): 1}
+    # both query features closest to d0: d0 keeps the closer one, the other keeps nothing
+    signatures = np.stack([flip_bits(d0, 1), d0])[:, None]
+    pairs, _ = tentative_matches(words, signatures, np.array([4, 4]), np.stack([d0, d1]),
+                                 max_hamming=32)
+    assert pairs.tolist() == [[1, 0]]
+
+
+# ---------------------------------------------------------------------- robust fits
+def planted_points(rng, matrix, inliers=60, outliers=60, noise=1.0):
+    source = rng.uniform(0, 400, (inliers + outliers, 2)).astype(np.float32)
+    homogeneous = np.column_stack([source, np.ones(len(source))]) @ matrix.T
+    target = homogeneous[:, :2] / homogeneous[:, 2:]
+    target[:inliers] += rng.normal(0, noise, (inliers, 2))
+    target[inliers:] = rng.uniform(0, 400, (outliers, 2))
+    pairs = np.stack([np.arange(len(source)), np.arange(len(source))], 1)
+    return source, target.astype(np.float32), pairs
+
+
+@pytest.mark.parametrize("model", ["affine", "homography"])
+@pytest.mark.parametrize("estimator", ["magsac", "ransac"])
+def test_verify_recovers_a_planted_model_among_outliers(model, estimator):
+    rng = np.random.default_rng(2)
+    matrix = np.array([[0.9, -0.2, 30], [0.15, 1.05, -10], [0, 0, 1]])
+    if model == "homography":
+        matrix[2, :2] = [2e-4, -1e-4]
+    source, target, pairs = planted_points(rng, matrix)
+    result = verify(source, target, pairs, model=model, threshold_px=4, estimator=estimator)
+    assert 55 <= result.inliers <= 64
+    assert result.verified and result.tentative == len(pairs)
+    assert set(result.pairs[:, 0]) >= set(range(5)) and result.pairs[:, 0].max() < 64
+    np.testing.assert_array_equal(result.query_xy, source[result.pairs[:, 0]])
+    np.testing.assert_array_equal(result.db_xy, target[result.pairs[:, 1]])
+    corners = np.array([[0, 0], [400, 0], [400, 400], [0, 400]], np.float64)
+    error = np.linalg.norm(project(result.model, corners) - project(matrix, corners), axis=1)
+    assert error.max() < 3.0
+
+
+def test_verify_rejects_unrelated_points_and_too_few_matches():
+    rng = np.random.default_rng(3)
+    source = rng.uniform(0, 400, (80, 2)).astype(np.float32)
+    target = rng.uniform(0, 400, (80, 2)).astype(np.float32)
+    pairs = np.stack([np.arange(80), np.arange(80)], 1)
+    rejected = verify(source, target, pairs, model="homography", threshold_px=4, min_inliers=8)
+    assert not rejected.verified and rejected.inliers == 0 and rejected.model is None
+    assert rejected.pairs.shape == (0, 2) and rejected.db_xy.shape == (0, 2)
+    few = verify(source, target, pairs[:5], min_inliers=6)
+    assert few.inliers == 0 and few.tentative == 5
+    assert verify(source, target, pairs[:2], min_inliers=1).inliers == 0   # affine needs 3
+    with pytest.raises(ValueError, match="model"):
+        verify(source, target, pairs, model="similarity")
+    with pytest.raises(ValueError, match="estimator"):
+        VerificationConfig(estimator="lmeds")
+    with pytest.raises(ValueError, match="threshold_px"):
+        VerificationConfig(threshold_px=0)
+
+
+def project(matrix, points):
+    homogeneous = np.column_stack([points, np.ones(len(points))]) @ np.asarray(matrix).T
+    return homogeneous[:, :2] / homogeneous[:, 2:]
+
+
+def test_verify_images_matches_per_image_verification():
+    rng = np.random.default_rng(4)
+    centroids = rng.standard_normal((6, 32)).astype(np.float32)
+    matrix = np.array([[1.0, 0.1, 20], [-0.1, 1.0, 5], [0, 0, 1]])
+    query_descriptors = rng.standard_normal((50, 32)).astype(np.float32)
+    query_words = rng.integers(0, 6, (50, 2))
+    query_xy = rng.uniform(0, 300, (50, 2)).astype(np.float32)
+    images = []
+    for shift in range(3):   # image 0, 1: a transformed copy of 40 query features; 2: noise
+        rows = rng.permutation(50)[:40]
+        xy = project(matrix, query_xy[rows]) + shift
+        words = query_words[rows, 0]
+        descriptors = query_descriptors[rows]
+        if shift == 2:
+            descriptors = rng.standard_normal((40, 32)).astype(np.float32)
+        order = np.argsort(words, kind="stable")
+        images.append(ImageFeatures(words[order].astype(np.int32),
+                                    binary_signatures(descriptors, words, centroids)[order],
+                                    xy[order].astype(np.float32),
+                                    np.ones(40, np.float32)))
+    query = QueryFeatures.from_descriptors(query_descriptors, query_words, centroids, query_xy)
+    config = VerificationConfig(threshold_px=3, max_hamming=2)
+    batched = verify_images(query, images, config)
+    assert [r.inliers >= 35 for r in batched] == [True, True, False]
+    for image, result in zip(images, batched):
+        pairs, _ = tentative_matches(query_words, binary_signatures(query_descriptors,
+                                                                    query_words, centroids),
+                                     image.words, image.signatures, config.max_hamming)
+        assert result.tentative == len(pairs)
+        if result.verified:
+            np.testing.assert_allclose(project(result.model, result.query_xy), result.db_xy,
+                                       atol=config.threshold_px)
+    assert verify_images(query, [], config) == []
+
+
+# ---------------------------------------------------------------------- real photos
+PHOTOS = 12                    # ukbench00000-11: objects 0, 1, 2 (four views each)
+MAX_SIZE = 320
+CODEBOOK_WORDS = 256
+PLANTED_ROTATION_DEG, PLANTED_SCALE, PLANTED_PERSPECTIVE = 20.0, 0.9, (2e-4, 2e-4)
+
+
+def planted_homography(width: int, height: int) -> np.ndarray:
+    """A rotation and shrink about the image centre with a perspective term, (3, 3)."""
+    angle = np.deg2rad(PLANTED_ROTATION_DEG)
+    cos, sin = PLANTED_SCALE * np.cos(angle), PLANTED_SCALE * np.sin(angle)
+    centre = np.array([[1, 0, width / 2], [0, 1, height / 2], [0, 0, 1]])
+    about_origin = np.array([[cos, -sin, 0], [sin, cos, 0], [*PLANTED_PERSPECTIVE, 1]])
+    return centre @ about_origin @ np.linalg.inv(centre)
+
+
+@pytest.fixture(scope="module")
+def photos(one_torch_thread):
+    """MDA features (untrained heads, reduction fitted on 4 photos) of 12 real photos, a small
+    codebook, and photo 0 warped by a planted homography with its features."""
+    import torch
+    from kornia.geometry.transform import warp_perspective
+    from PIL import Image
+
+    from mda import ExtractionConfig, MdaConfig, MdaModel, extract_local_features
+    from real_data import require_ukbench
+
+    root = require_ukbench() / "jpg"
+    paths = [str(root / f"ukbench{i:05d}.jpg") for i in range(PHOTOS)]
+    torch.manual_seed(0)
+    model = MdaModel(MdaConfig())
+    model.eval()
+    model.fit_reduction(paths[::3], max_images=4, features_per_image=300, scales=(1.0,),
+                        max_size=MAX_SIZE)
+    config = ExtractionConfig(scales=(1.0, 0.7071, 0.5), max_size=MAX_SIZE, top_n=600)
+    image = np.asarray(Image.open(paths[0]).convert("RGB"))
+    height, width = image.shape[:2]
+    planted = planted_homography(width, height)
+    warped = warp_perspective(torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float(),
+                              torch.from_numpy(planted)[None].float(), (height, width))
+    warped = warped[0].permute(1, 2, 0).clamp(0, 255).round().byte().numpy()
+    with torch.no_grad():
+        features = [extract_local_features(model, path, config=config) for path in paths]
+        warped_features = extract_local_features(model, warped, config=config)
+    codebook = Codebook.train(np.concatenate([f.descriptors for f in features]),
+                              CODEBOOK_WORDS, seed=0)
+    return {"features": features, "warped": warped_features, "planted": planted,
+            "codebook": codebook}
+
+
+def xy_of(features):
+    return np.stack([features.x, features.y], 1).astype(np.float32)
+
+
+def match_photos(codebook, a, b, config):
+    words_a = codebook.quantize(a.descriptors, config.query_assignment)
+    words_b = codebook.quantize(b.descriptors, 1)[:, 0]
+    pairs, _ = tentative_matches(
+        words_a, binary_signatures(a.descriptors, words_a, codebook.centroids), words_b,
+        binary_signatures(b.descriptors, words_b, codebook.centroids), config.max_hamming,
+        one_to_one=config.one_to_one)
+    return verify(xy_of(a), xy_of(b), pairs, model=config.model,
+                  threshold_px=config.threshold_px, min_inliers=config.min_inliers,
+                  estimator=config.estimator)
+
+
+def test_planted_homography_between_real_photos_is_found(photos):
+    # MDA features sit on the feature map's grid (16 px cells at scale 1 here, 32 px at 0.5), so
+    # the planted transform is recovered to within a cell where the features are
+    config = VerificationConfig(model="homography")
+    result = match_photos(photos["codebook"], photos["features"][0], photos["warped"], config)
+    planted = photos["planted"]
+    error = np.linalg.norm(project(result.model, result.query_xy)
+                           - project(planted, result.query_xy), axis=1)
+    identity_error = np.linalg.norm(result.query_xy - project(planted, result.query_xy), axis=1)
+    assert result.inliers >= 40, result.inliers
+    assert error.mean() < 10 and error.mean() < identity_error.mean() / 3, (
+        error.mean(), identity_error.mean())
+    np.testing.assert_allclose(project(result.model, result.query_xy), result.db_xy,
+                               atol=config.threshold_px + 1e-3)
+
+
+def test_unrelated_real_photos_are_rejected(photos):
+    config = VerificationConfig()
+    features = photos["features"]
+    for other in (4, 5, 8, 9):                  # views of two other objects
+        result = match_photos(photos["codebook"], features[0], features[other], config)
+        assert result.inliers == 0 and result.model is None, (other, result.inliers)
+
+
+# ---------------------------------------------------------------------- stage 3 of TwoStageIndex
+WARPED_ID = 100
+
+
+def add_photos(index, photos, numbers, ids=None):
+    """Add photos (features) with their global stand-in (the mean local descriptor)."""
+    features = [photos["features"][n] if n != WARPED_ID else photos["warped"] for n in numbers]
+    ids = np.asarray(numbers if ids is None else ids)
+    index.add(np.stack([f.descriptors.mean(0) for f in features]), ids,
+              np.concatenate([f.descriptors for f in features]),
+              np.repeat(ids, [len(f.descriptors) for f in features]),
+              local_geometry=np.concatenate([np.column_stack([f.x, f.y, f.scale])
+                                             for f in features]))
+
+
+def verified_search(index, photos, **options):
+    query = photos["features"][0]
+    return index.search(query.descriptors.mean(0), query.descriptors, k=20, shortlist=20,
+                        verify_top=8, query_geometry=np.column_stack([query.x, query.y,
+                                                                      query.scale]),
+                        verification=VerificationConfig(model="homography"), **options)
+
+
+def check_inliers(index, result, query):
+    """Every verified result's inlier coordinates are real feature positions of the query and of
+    the stored image, related by the returned model."""
+    query_xy = xy_of(query)
+    for image, inliers, verification in zip(result.ids, result.inliers, result.verifications):
+        if inliers <= 0:           # not verified (-1) or rejected (0): nothing to draw
+            assert verification is None or not verification.verified
+            continue
+        assert verification.inliers == inliers
+        stored = index.local_store.get(image)
+        np.testing.assert_array_equal(verification.query_xy, query_xy[verification.pairs[:, 0]])
+        np.testing.assert_array_equal(verification.db_xy, stored.xy[verification.pairs[:, 1]])
+        np.testing.assert_allclose(project(verification.model, verification.query_xy),
+                                   verification.db_xy, atol=VerificationConfig.threshold_px + 1)
+
+
+def test_verified_search_after_append_remove_and_save_load(photos, tmp_path):
+    from asmk_index.two_stage import TwoStageIndex
+
+    codebook, query = photos["codebook"], photos["features"][0]
+    index = TwoStageIndex.create(codebook, codebook.dim, local_features=True)
+    add_photos(index, photos, range(4, PHOTOS))                   # two other objects
+    before = verified_search(index, photos)
+    assert before.inliers.max() == 0 and before.stage3_seconds > 0
+    add_photos(index, photos, [1, 2, WARPED_ID])                  # --append
+    appended = verified_search(index, photos)
+    assert appended.ids[0] == WARPED_ID and appended.inliers[0] >= 40
+    assert set(appended.ids[appended.inliers > 0]) <= {1, 2, WARPED_ID}
+    assert np.all(appended.inliers[8:] == -1)                     # beyond verify_top
+    check_inliers(index, appended, query)
+    # verified first: the ranking puts the warped copy ahead of what ASMK* ranks first
+    plain = index.search(query.descriptors.mean(0), query.descriptors, k=20, shortlist=20)
+    assert plain.inliers is None and set(plain.ids) == set(appended.ids)
+    fused = verified_search(index, photos, fusion="rrf")
+    assert fused.ids[0] == WARPED_ID
+    index.remove([WARPED_ID, 5])                                  # --remove
+    removed = verified_search(index, photos)
+    assert WARPED_ID not in removed.ids and 5 not in removed.ids
+    assert not index.local_store.contains([WARPED_ID, 5]).any()
+    check_inliers(index, removed, query)
+    index.save(tmp_path / "index")
+    loaded = TwoStageIndex.load(tmp_path / "index")
+    assert loaded.has_local_features and len(loaded.local_store) == len(index.local_store)
+    reloaded = verified_search(loaded, photos)
+    np.testing.assert_array_equal(reloaded.ids, removed.ids)
+    np.testing.assert_array_equal(reloaded.inliers, removed.inliers)
+    # append and remove on the loaded (memory-mapped) index
+    add_photos(loaded, photos, [WARPED_ID, 3])
+    loaded.remove([1])
+    again = verified_search(loaded, photos)
+    assert again.ids[0] == WARPED_ID and 1 not in again.ids
+    check_inliers(loaded, again, query)
+    loaded.save(tmp_path / "index")
+    final = TwoStageIndex.load(tmp_path / "index")
+    np.testing.assert_array_equal(verified_search(final, photos).inliers, again.inliers)
+
+
+def test_local_geometry_is_required_exactly_when_features_are_kept(photos):
+    from asmk_index.two_stage import TwoStageIndex
+
+    codebook, features = photos["codebook"], photos["features"][4]
+    arguments = (features.descriptors.mean(0)[None], [4], features.descriptors,
+                 np.full(len(features.descriptors), 4))
+    geometry = np.column_stack([features.x, features.y, features.scale])
+    kept = TwoStageIndex.create(codebook, codebook.dim, local_features=True)
+    with pytest.raises(ValueError, match="local_geometry"):
+        kept.add(*arguments)
+    with pytest.raises(ValueError, match="local_geometry"):
+        kept.add(*arguments, local_geometry=geometry[:-1])
+    assert len(kept) == 0 and len(kept.asmk_index) == 0          # nothing half-added
+    kept.add(*arguments, local_geometry=geometry)
+    assert kept.local_store.counts([4])[0] == len(features.descriptors)
+    plain = TwoStageIndex.create(codebook, codebook.dim)
+    with pytest.raises(ValueError, match="local_features=True"):
+        plain.add(*arguments, local_geometry=geometry)
+    plain.add(*arguments)
+    query = photos["features"][0]
+    with pytest.raises(ValueError, match="local features"):
+        plain.search(query.descriptors.mean(0), query.descriptors, verify_top=3,
+                     query_geometry=np.column_stack([query.x, query.y]))
+    with pytest.raises(ValueError, match="query_geometry"):
+        kept.search(query.descriptors.mean(0), query.descriptors, verify_top=3)
+    with pytest.raises(ValueError, match="query_geometry"):
+        kept.search(query.descriptors.mean(0), query.descriptors, verify_top=3,
+                    query_geometry=np.zeros((3, 2)))

@@ -28,6 +28,7 @@ epoch's order, and only rank 0 writes. The result is one model file, ``RUN/model
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import math
@@ -90,32 +91,30 @@ class TrainingImages:
 def epoch_batches(labels: np.ndarray, pairs_per_batch: int, *, seed: int, epoch: int) -> list[list[int]]:
     """This epoch's batches, each a flat list ``[a1, p1, a2, p2, ...]`` of image positions: every
     image is the anchor of one pair, its positive another image of its class (itself when alone);
-    no class appears twice in a batch; a last batch of fewer than two pairs is dropped.
-    Deterministic in (seed, epoch)."""
+    no class appears twice in a batch. Each batch takes a pair from each of the classes with the
+    most pairs left (random among equals), so as few pairs as possible are left over (pairs of one
+    class alone at the end cannot form a batch); the batches come in random order. Deterministic
+    in (seed, epoch)."""
     rng = np.random.default_rng([seed, epoch])
     members: dict[int, list[int]] = defaultdict(list)
     for position, label in enumerate(labels.tolist()):
         members[label].append(position)
-    pairs = []
+    pairs: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for anchor in rng.permutation(len(labels)).tolist():
-        mates = [m for m in members[int(labels[anchor])] if m != anchor]
-        pairs.append((anchor, int(rng.choice(mates)) if mates else anchor))
+        label = int(labels[anchor])
+        mates = [m for m in members[label] if m != anchor]
+        pairs[label].append((anchor, int(rng.choice(mates)) if mates else anchor))
+    tie_break = rng.permutation(len(pairs))
+    heap = [(-len(queue), int(tie), label) for (label, queue), tie in zip(pairs.items(), tie_break)]
+    heapq.heapify(heap)
     batches: list[list[int]] = []
-    current: list[tuple[int, int]] = []
-    deferred: list[tuple[int, int]] = []
-    for pair in pairs:
-        queue, deferred = deferred + [pair], []
-        for candidate in queue:
-            if len(current) < pairs_per_batch and all(labels[candidate[0]] != labels[p[0]] for p in current):
-                current.append(candidate)
-            else:
-                deferred.append(candidate)
-        if len(current) == pairs_per_batch:
-            batches.append([i for p in current for i in p])
-            current = []
-    if len(current) >= 2:
-        batches.append([i for p in current for i in p])
-    return batches
+    while len(heap) >= 2:
+        chosen = [heapq.heappop(heap) for _ in range(min(pairs_per_batch, len(heap)))]
+        batches.append([i for _, _, label in chosen for i in pairs[label].pop()])
+        for left, tie, label in chosen:
+            if left + 1 < 0:
+                heapq.heappush(heap, (left + 1, tie, label))
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 class _PhotoItems(Dataset):
@@ -426,9 +425,12 @@ class Trainer:
                 pairs = pairs[self.cache.valid[pairs].all(axis=1)]
                 yield position, {"indices": torch.from_numpy(np.concatenate([pairs[:, 0], pairs[:, 1]]))}
             return
+        # its own generator: starting the loader must not draw from the global RNG, whose state a
+        # resumed run restores for the augmentations
         loader = DataLoader(_PhotoItems(self.images.paths, self.config.image_size),
                             batch_sampler=[order[position] for position in mine], collate_fn=_collate_pairs,
-                            num_workers=self.config.num_workers, pin_memory=self.info.device.type == "cuda")
+                            num_workers=self.config.num_workers, pin_memory=self.info.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(self.config.seed))
         yield from zip(mine, loader)
 
     def _inputs(self, batch: dict[str, Any], epoch: int, position: int) -> torch.Tensor | dict[str, torch.Tensor]:

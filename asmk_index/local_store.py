@@ -158,7 +158,10 @@ class LocalFeatureStore:
     def counts(self, image_ids) -> np.ndarray:
         """(M,) int64 number of stored features of each image (0 for unknown ids)."""
         rows = self._rows_of(check_ids(image_ids))
-        return np.where(rows >= 0, self._stop[rows] - self._start[rows], 0)
+        counts = np.zeros(rows.shape, np.int64)
+        found = rows >= 0
+        counts[found] = self._stop[rows[found]] - self._start[rows[found]]
+        return counts
 
     def get(self, image_id: int) -> ImageFeatures:
         """The stored features of one image (``KeyError`` when it has none)."""

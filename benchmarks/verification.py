@@ -233,6 +233,22 @@ def compare_estimators(prepared, true, unrelated, base):
             prepared, true, unrelated, config, KorniaEstimator(model, config)))
 
 
+def operating_point(prepared, true, unrelated, config):
+    """Share of true and of unrelated pairs that ``config`` (its min_inliers included) verifies."""
+    verified = {}
+    for label, pairs_list in (("true", true), ("unrelated", unrelated)):
+        verified[label] = np.mean([_fit(*reorder(prepared.matches(q, i, config)), config).verified
+                                   for q, i in pairs_list])
+    print(f"\nDefaults {config}:\n  verified: {verified['true']:.3f} of true pairs, "
+          f"{verified['unrelated']:.3f} of unrelated pairs", flush=True)
+
+
+def reorder(matches):
+    """(pairs, query xy, db xy) -> the argument order of ``_fit``: (query xy, db xy, pairs)."""
+    pairs, query_xy, db_xy = matches
+    return query_xy, db_xy, pairs
+
+
 def sweep(prepared, true, unrelated, base, quick):
     base = replace(base, min_inliers=1)
     hammings = (32, 48, 64) if quick else (32, 40, 48, 56, 64)
@@ -411,6 +427,7 @@ def main(argv=None):
     true, unrelated = photo_pairs(dataset.gnd, len(paths), rng)
     print(f"{len(true)} true pairs, {len(unrelated)} unrelated pairs")
     base = VerificationConfig(model=args.model, estimator=args.estimator)
+    operating_point(prepared, true, unrelated, base)
     if "estimators" not in args.skip:
         compare_estimators(prepared, true, unrelated, base)
     if "sweep" not in args.skip:

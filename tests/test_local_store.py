@@ -94,7 +94,10 @@ def test_add_remove_save_load_memory_mapped(tmp_path):
     assert_image(again, 6, *third)
     again.remove([5, 6])                                  # empty store saves and loads
     again.save(tmp_path / "empty")
-    assert len(LocalFeatureStore.load(tmp_path / "empty")) == 0
+    empty = LocalFeatureStore.load(tmp_path / "empty")
+    assert len(empty) == 0 and empty.n_features == 0
+    np.testing.assert_array_equal(empty.counts([5, 6]), [0, 0])
+    assert not empty.contains([5]).any()
 
 
 def test_corrupt_store_is_refused(tmp_path):

@@ -9,8 +9,8 @@ import pytest
 from asmk_index.codebook import Codebook
 from asmk_index.fusion import Fusion
 from asmk_index.local_store import ImageFeatures, binary_signatures
-from asmk_index.verification import (QueryFeatures, VerificationConfig, tentative_matches,
-                                     verify, verify_images)
+from asmk_index.verification import (QueryFeatures, VerificationConfig, hamming_distances,
+                                     tentative_matches, verify, verify_images)
 
 BYTES = 4                                 # 32-bit signatures in the synthetic tests
 
@@ -23,6 +23,14 @@ def flip_bits(signature: np.ndarray, count: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- correspondences
+@pytest.mark.parametrize("width", [16, 8, 4, 3])
+def test_hamming_distances_count_differing_bits(width):
+    rng = np.random.default_rng(width)
+    a, b = rng.integers(0, 256, (2, 50, width), dtype=np.uint8)
+    expected = np.unpackbits(a ^ b, axis=1).sum(axis=1)
+    np.testing.assert_array_equal(hamming_distances(a, b), expected)
+
+
 def test_tentative_matches_need_a_shared_word_and_a_small_hamming_distance():
     rng = np.random.default_rng(0)
     query_words = np.array([[3, 8], [5, 1], [9, 2]])              # two words per descriptor

@@ -10,7 +10,8 @@ Steps (one run):
      each estimator -- OpenCV (estimateAffine2D / findHomography with USAC_MAGSAC, USAC_ACCURATE,
      RANSAC) and kornia.geometry.ransac.RANSAC -- fits them. Table: ms per pair (fit only),
      mean inliers of true / unrelated pairs, AUC of the inlier count (true vs unrelated), recall of
-     true pairs at the smallest inlier count that at most 1% of unrelated pairs reach.
+     true pairs at the smallest inlier count that at most 1% of unrelated pairs reach; first,
+     the share of true and unrelated pairs that the default VerificationConfig verifies.
   3. Planted homographies: photos warped by random homographies (kornia warp_perspective), features
      of both, and the estimated transform against the planted one (mean corner error in pixels).
   4. Sweep of the match thresholds (max Hamming distance, pixel threshold, query words used) with

@@ -186,11 +186,20 @@ class AsmkIndex:
         return self.memory_bytes() / max(len(self), 1)
 
     # query aggregation --------------------------------------------------------------------
-    def _aggregate_query(self, query_descriptors) -> tuple[np.ndarray, np.ndarray]:
+    def query_words(self, query_descriptors) -> np.ndarray:
+        """The words of a query's descriptors (n, D): (n, query_multiple_assignment) int64,
+        nearest first (pass them to :meth:`search` / :meth:`score` to quantize only once)."""
+        query = check_descriptors(query_descriptors, dim=self.codebook.dim, name="query descriptors")
+        return self.codebook.quantize(query, self.params.query_multiple_assignment)
+
+    def _aggregate_query(self, query_descriptors, words=None) -> tuple[np.ndarray, np.ndarray]:
         """(sorted unique words (m,), aggregated vectors (m, W)) of one query image."""
         query = check_descriptors(query_descriptors, dim=self.codebook.dim,
                                   name="query descriptors")
-        words = self.codebook.quantize(query, self.params.query_multiple_assignment)
+        if words is None:
+            words = self.codebook.quantize(query, self.params.query_multiple_assignment)
+        else:
+            words = self._check_words(words, query.shape[0], self.params.query_multiple_assignment)
         aggregated = aggregate_runs(query, words, np.array([0, query.shape[0]], dtype=np.int64),
                                     self.codebook.centroids, self.params.binary)
         return aggregated.word, aggregated.vectors
@@ -237,17 +246,19 @@ class AsmkIndex:
         self._segments, self._doc_ids = segments, doc_ids
         self._invalidate()
 
-    def _check_words(self, words, n_descriptors: int) -> np.ndarray:
+    def _check_words(self, words, n_descriptors: int, assignment: int | None = None) -> np.ndarray:
+        """``words`` checked: (n_descriptors, assignment) ids of distinct words per descriptor
+        (``assignment`` default: the database's multiple assignment)."""
         words = np.asarray(words)
-        expected = (n_descriptors, self.params.multiple_assignment)
+        assignment = self.params.multiple_assignment if assignment is None else assignment
+        expected = (n_descriptors, assignment)
         if words.shape != expected or not np.issubdtype(words.dtype, np.integer):
             raise ValueError(f"words: expected an integer array of shape {expected}, got "
                              f"{words.shape} {words.dtype}")
         words = np.ascontiguousarray(words, dtype=np.int64)
         if words.size and (words.min() < 0 or words.max() >= self.codebook.size):
             raise ValueError(f"words: ids must lie in [0, {self.codebook.size})")
-        if self.params.multiple_assignment > 1 and \
-                np.any(np.sort(words, axis=1)[:, 1:] == np.sort(words, axis=1)[:, :-1]):
+        if assignment > 1 and np.any(np.sort(words, axis=1)[:, 1:] == np.sort(words, axis=1)[:, :-1]):
             raise ValueError("words: a descriptor is assigned to the same word twice")
         return words
 
@@ -287,13 +298,14 @@ class AsmkIndex:
         first_half += second_half
         return first_half
 
-    def search(self, query_descriptors, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query_descriptors, k: int, *, words=None) -> tuple[np.ndarray, np.ndarray]:
         """Best ``k`` images for one query image (M, D): (ids (k,) int64, scores (k,) float64),
-        best first, ties by lower id. Fewer than k when the index holds fewer images."""
+        best first, ties by lower id. Fewer than k when the index holds fewer images.
+        ``words``: the query's :meth:`query_words` when already computed."""
         k = int(k)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        words, vectors = self._aggregate_query(query_descriptors)
+        words, vectors = self._aggregate_query(query_descriptors, words)
         if len(self) == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
         weights, inv_sqrt_query_norm = self._query_weights(words)
@@ -302,11 +314,12 @@ class AsmkIndex:
         best = _kernels.top_k(scores, self._doc_ids, k)  # ties: lower id first
         return self._doc_ids[best], scores[best]
 
-    def score(self, query_descriptors, candidate_ids) -> np.ndarray:
-        """Scores (C,) float64 of the given images only (forward index; equal to search()'s)."""
+    def score(self, query_descriptors, candidate_ids, *, words=None) -> np.ndarray:
+        """Scores (C,) float64 of the given images only (forward index; equal to search()'s).
+        ``words``: the query's :meth:`query_words` when already computed."""
         candidate_ids = check_ids(candidate_ids, name="candidate_ids")
         positions = self._doc_positions(candidate_ids)
-        words, vectors = self._aggregate_query(query_descriptors)
+        words, vectors = self._aggregate_query(query_descriptors, words)
         weights, inv_sqrt_query_norm = self._query_weights(words)
         _, inv_sqrt_norm = self._weights()
         accumulator = np.zeros(candidate_ids.size, dtype=np.float64)

@@ -367,14 +367,16 @@ class TwoStageIndex:
             raise TypeError(f"verification must be a VerificationConfig, got {type(config)}")
         return xy, config
 
-    def _asmk_scores(self, local_query: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """ASMK* scores of ``ids`` (0 for images without local descriptors or an empty query)."""
+    def _asmk_scores(self, local_query: np.ndarray, ids: np.ndarray,
+                     words: np.ndarray | None) -> np.ndarray:
+        """ASMK* scores of ``ids`` (0 for images without local descriptors or an empty query);
+        ``words``: the query's words (``AsmkIndex.query_words``)."""
         scores = np.zeros(ids.shape[0], np.float64)
         if local_query.shape[0] == 0 or ids.size == 0:
             return scores
         in_asmk = np.asarray(self.asmk_index.contains(ids), bool)
         if in_asmk.any():
-            scores[in_asmk] = self.asmk_index.score(local_query, ids[in_asmk])
+            scores[in_asmk] = self.asmk_index.score(local_query, ids[in_asmk], words=words)
         return scores
 
     def _search_two_stage(self, global_query, local_query, k, shortlist, ranking, start,
@@ -382,7 +384,9 @@ class TwoStageIndex:
         candidates, global_scores = self.global_index.search(global_query, shortlist,
                                                              query_expansion=0)
         middle = time.perf_counter()
-        asmk_scores = self._asmk_scores(local_query, candidates)
+        # the query is quantized once, for stage 2 and stage 3
+        words = self.asmk_index.query_words(local_query) if local_query.shape[0] else None
+        asmk_scores = self._asmk_scores(local_query, candidates, words)
         global_scores = global_scores.astype(np.float64)
         final_scores, order = _rank_shortlist(ranking, global_scores, asmk_scores)
         end = time.perf_counter()
@@ -390,7 +394,7 @@ class TwoStageIndex:
         if verify_top:
             final_scores, order, inliers, verifications = self._verify_and_rerank(
                 stage3, candidates, global_scores, asmk_scores, final_scores, order, ranking,
-                local_query, verify_top)
+                local_query, words, verify_top)
         order = order[:k]
         done = time.perf_counter()
         return SearchResult(ids=candidates[order], scores=final_scores[order],
@@ -403,13 +407,17 @@ class TwoStageIndex:
                             stage3_seconds=done - end)
 
     def _verify_and_rerank(self, stage3, candidates, global_scores, asmk_scores, final_scores,
-                           order, ranking, local_query, verify_top):
+                           order, ranking, local_query, words, verify_top):
         """Stage 3 on the top ``verify_top`` of ``order``; returns (scores, order, inliers (n,)
-        -1 where not verified, verifications (n,) list) over the shortlist positions."""
+        -1 where not verified, verifications (n,) list) over the shortlist positions.
+        ``words``: the query's stage-2 words (nearest first), None for an empty query."""
         from .verification import QueryFeatures, verify_images
         query_xy, config = stage3
         codebook = self.asmk_index.codebook
-        words = codebook.quantize(local_query, min(config.query_assignment, codebook.size))
+        assignment = min(config.query_assignment, codebook.size)
+        if words is None or words.shape[1] < assignment:
+            words = codebook.quantize(local_query, assignment)
+        words = np.ascontiguousarray(words[:, :assignment])
         query = QueryFeatures.from_descriptors(local_query, words, codebook.centroids, query_xy)
         top = order[:verify_top]
         has_features = self.local_store.contains(candidates[top])

@@ -256,10 +256,14 @@ def main(argv=None) -> int:
     models = two_pass_models(net)
     contiguous = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
 
+    contiguous_config = config.updated({"extraction": {"channels_last": False}})
+    local_diff, global_diff, differing = feature_difference(models, contiguous, query_paths, contiguous_config)
+    print(f"float32 features, (b') one pass vs (a) two passes (both contiguous), {len(query_paths)} photos: "
+          f"max |local diff| {local_diff:.2e}, max |global diff| {global_diff:.2e}, photos with other "
+          f"selected locations {differing}")
     local_diff, global_diff, differing = feature_difference(models, net, query_paths, config)
-    print(f"float32 features, (b) one pass vs (a) two passes, {len(query_paths)} photos: max |local diff| "
-          f"{local_diff:.2e}, max |global diff| {global_diff:.2e}, photos with other selected locations "
-          f"{differing}")
+    print(f"float32 features, (b) one pass channels-last vs (a): max |local diff| {local_diff:.2e}, max "
+          f"|global diff| {global_diff:.2e}, photos with other selected locations {differing}")
 
     rows = {}
     for precision in PRECISIONS:

@@ -56,21 +56,21 @@ def main(argv=None) -> int:
         "extraction": {"max_size": args.max_size, "scales": args.scales, "top_n": args.top_n,
                        "device": args.device},
         "codebook": {"fit_images": args.fit_images},
-        "glam": {"whitening_power": args.whitening_power},
+        "network": {"glam": {"whitening_power": args.whitening_power}},
         "search": {"shortlist": args.shortlist}})
     out = args.out
     timings = {}
-    codebook_dir, index_dir, work = out / "codebook", out / "index", out / "features"
+    codebook_dir, index_dir, store = out / "codebook", out / "index", out / "features"
     start = time.perf_counter()
     if not (args.reuse and codebook_dir.is_dir()):
         report = build_codebook(args.dataset / "jpg", codebook_dir, size=args.size, config=config,
-                                work_dir=work, progress=False)
+                                feature_store=store, progress=False)
         print(f"codebook: {report.size} words (asked {report.requested_size}) from "
               f"{report.training_descriptors} descriptors of {report.images} images")
     timings["codebook_s"] = time.perf_counter() - start
     start = time.perf_counter()
     if not (args.reuse and index_dir.is_dir()):
-        build_index(index_dir, images=args.dataset / "jpg", codebook=codebook_dir, work_dir=work,
+        build_index(index_dir, images=args.dataset / "jpg", codebook=codebook_dir, feature_store=store,
                     progress=False)
     timings["index_s"] = time.perf_counter() - start
     start = time.perf_counter()

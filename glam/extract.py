@@ -97,7 +97,7 @@ def multiscale_descriptor(model: "GlamModel", image: torch.Tensor, scales: Seque
     for scaled in image_pyramid(image.to(model.device), scales):  # resized on the model's device
         descriptor = model(scaled)[0]
         total = descriptor if total is None else total + descriptor
-    return l2n(total / len(scales), dim=0)
+    return l2n(total.float() / len(scales), dim=0)
 
 
 def extract_global_descriptor(

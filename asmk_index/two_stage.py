@@ -404,32 +404,22 @@ class TwoStageIndex:
                             inliers=None if inliers is None else inliers[order],
                             verifications=None if verifications is None
                             else [verifications[i] for i in order],
-                            stage3_seconds=done - end)
+                            stage3_seconds=done - end if verify_top else 0.0)
 
     def _verify_and_rerank(self, stage3, candidates, global_scores, asmk_scores, final_scores,
                            order, ranking, local_query, words, verify_top):
         """Stage 3 on the top ``verify_top`` of ``order``; returns (scores, order, inliers (n,)
         -1 where not verified, verifications (n,) list) over the shortlist positions.
         ``words``: the query's stage-2 words (nearest first), None for an empty query."""
-        from .verification import QueryFeatures, verify_images
-        query_xy, config = stage3
-        codebook = self.asmk_index.codebook
-        assignment = min(config.query_assignment, codebook.size)
-        if words is None or words.shape[1] < assignment:
-            words = codebook.quantize(local_query, assignment)
-        words = np.ascontiguousarray(words[:, :assignment])
-        query = QueryFeatures.from_descriptors(local_query, words, codebook.centroids, query_xy)
         top = order[:verify_top]
-        has_features = self.local_store.contains(candidates[top])
-        checked = top[has_features]
-        results = verify_images(query, [self.local_store.get(i) for i in candidates[checked]],
-                                config)
+        results = self._verify_ids(local_query, words, stage3, candidates[top])
         inliers = np.full(candidates.size, -1, np.int64)
         inliers[top] = 0
         verifications: list = [None] * candidates.size
-        for position, result in zip(checked, results):
-            inliers[position] = result.inliers
-            verifications[position] = result
+        for position, result in zip(top, results):
+            if result is not None:
+                inliers[position] = result.inliers
+                verifications[position] = result
         if isinstance(ranking, Fusion):
             final_scores = ranking(global_scores, asmk_scores, np.maximum(inliers, 0))
             order = np.argsort(-final_scores, kind="stable")    # ties: global order
@@ -439,6 +429,30 @@ class TwoStageIndex:
             verified = inliers > 0
             order = np.lexsort((rank, -np.where(verified, inliers, 0), ~verified))
         return final_scores, order, inliers, verifications
+
+    def _verify_ids(self, local_query, words, stage3, image_ids) -> list:
+        """Stage 3 of ``image_ids`` (one :class:`verification.VerificationResult` each, None for an
+        image without local features); ``words``: the query's words, nearest first, or None."""
+        from .verification import QueryFeatures, verify_images
+        query_xy, config = stage3
+        codebook = self.asmk_index.codebook
+        assignment = min(config.query_assignment, codebook.size)
+        if words is None or words.shape[1] < assignment:
+            words = codebook.quantize(local_query, assignment)
+        words = np.ascontiguousarray(words[:, :assignment])
+        query = QueryFeatures.from_descriptors(local_query, words, codebook.centroids, query_xy)
+        has_features = self.local_store.contains(image_ids)
+        results = iter(verify_images(query, [self.local_store.get(i) for i in image_ids[has_features]], config))
+        return [next(results) if known else None for known in has_features]
+
+    def verify(self, local_query, query_geometry, image_ids, verification=None) -> list:
+        """Stage 3 alone: spatially verify the query (local descriptors (n, D), their x, y [, scale]
+        (n, 2 | 3)) against the given images' stored features; one
+        :class:`verification.VerificationResult` per image (None: no local features stored)."""
+        local_query = check_descriptors(local_query, dim=self.local_dim, name="local_query", allow_empty=True)
+        image_ids = check_ids(image_ids, name="image_ids")
+        stage3 = self._stage3_query(local_query, query_geometry, verification)
+        return self._verify_ids(local_query, None, stage3, image_ids)
 
     def _search_asmk(self, global_query, local_query, k, start) -> SearchResult:
         if local_query.shape[0] == 0 or len(self.asmk_index) == 0:

@@ -17,6 +17,7 @@ except ModuleNotFoundError:  # run as a script, the project not installed
     from _common import device_argument, fail, setup_logging
 
 from imagedata.images import ImageLoadError
+from retrieval.config import FUSIONS
 from retrieval.searcher import MODES, Searcher
 
 
@@ -28,6 +29,11 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--shortlist", type=int, default=None,
                         help="stage-1 shortlist size (default: the index's config, 100)")
     parser.add_argument("--mode", choices=MODES, default=None, help="default two_stage")
+    parser.add_argument("--fusion", choices=FUSIONS, help="how the stages rank the shortlist "
+                        "(default: the index's config)")
+    parser.add_argument("--verify-top", type=int, help="spatially verify the top R of the shortlist "
+                        "(0: off; default: the index's config)")
+    parser.add_argument("--query-expansion", type=int, help="alpha-QE neighbours of stage 1 (0: off)")
     parser.add_argument("--bbox", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
                         help="query region in pixels of the query image (all queries)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -38,14 +44,15 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 
 def format_table(results) -> str:
+    timings = results.timings
     lines = [f"query: {results.query}  (mode {results.mode}, shortlist {results.shortlist}; "
-             f"extraction {1000 * results.timings['extraction']:.0f} ms, stage 1 "
-             f"{1000 * results.timings['stage1']:.1f} ms, stage 2 "
-             f"{1000 * results.timings['stage2']:.1f} ms)",
-             f"{'rank':>4}  {'score':>8}  {'global':>8}  {'ASMK*':>8}  image"]
+             f"extraction {1000 * timings['extraction']:.0f} ms, stage 1 {1000 * timings['stage1']:.1f} ms, "
+             f"stage 2 {1000 * timings['stage2']:.1f} ms, stage 3 {1000 * timings['stage3']:.1f} ms)",
+             f"{'rank':>4}  {'score':>8}  {'global':>8}  {'ASMK*':>8}  {'inliers':>7}  image"]
     for hit in results:
+        inliers = "-" if hit.inliers < 0 else str(hit.inliers)
         lines.append(f"{hit.rank:>4}  {hit.score:8.4f}  {hit.global_score:8.4f}  "
-                     f"{hit.asmk_score:8.4f}  {hit.name}")
+                     f"{hit.asmk_score:8.4f}  {inliers:>7}  {hit.name}")
     return "\n".join(lines)
 
 
@@ -56,7 +63,9 @@ def main(argv=None) -> int:
         searcher = Searcher(args.index, device=args.device)
         results = searcher.search(list(args.query), k=args.k, shortlist=args.shortlist,
                                   mode=args.mode, bbox=[args.bbox] * len(args.query)
-                                  if args.bbox else None, with_matches=args.html is not None)
+                                  if args.bbox else None, with_matches=args.html is not None,
+                                  fusion=args.fusion, verify_top=args.verify_top,
+                                  query_expansion=args.query_expansion)
     except (FileNotFoundError, ValueError, ImageLoadError) as error:
         return fail(str(error))
     if args.json:

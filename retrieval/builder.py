@@ -204,7 +204,7 @@ def build_index(output: str | os.PathLike, *, images: str | os.PathLike | None =
                 renumber[keep] = np.arange(len(keep))
                 index.add([new_names[position] for position in keep], features.global_descriptors[keep],
                           features.local_descriptors[chosen], renumber[features.local_owner[chosen]],
-                          root=images)
+                          features.local_geometry[chosen], root=images)
             report.added = [new_names[position] for position in keep]
         if remove:
             report.removed, report.not_found = index.remove(remove)

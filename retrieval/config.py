@@ -22,6 +22,10 @@ from typing import Mapping
 import yaml
 
 from asmk_index.asmk import AsmkParams
+from asmk_index.fusion import RULES as FUSION_RULES
+from asmk_index.fusion import Fusion
+from asmk_index.two_stage import MODES as SEARCH_MODES
+from asmk_index.verification import VerificationConfig
 
 from .network import NetworkConfig
 
@@ -91,17 +95,60 @@ class CodebookConfig:
 AsmkConfig = AsmkParams
 
 
+FUSIONS = FUSION_RULES + ("asmk", "global")
+
+
 @dataclass
 class SearchConfig:
-    """Defaults of the two-stage search."""
+    """Defaults of the search (each can also be given per search).
+
+    mode: "two_stage" (stage 1 global shortlist, stage 2 ASMK*, stage 3 spatial verification,
+        fused), "asmk" (ASMK* over the whole collection) or "global" (global descriptors only).
+    shortlist: images stage 1 hands to stages 2 and 3.
+    fusion: how the stages rank the shortlist: "minmax", "zscore" or "rrf" (rules that do not
+        depend on the scales of the scores, :mod:`asmk_index.fusion`, with the three weights), or
+        "asmk" / "global" (one stage decides; verified images first when stage 3 runs).
+    global_weight, asmk_weight, inlier_weight: the fusion rule's weights of the global
+        similarity, the ASMK* score and the inlier count of the verified images.
+    verify_top: R, the top R of the fused shortlist are spatially verified (0: no stage 3).
+    verification: stage 3's matching and robust fit (:class:`asmk_index.verification.VerificationConfig`).
+    query_expansion, qe_alpha: alpha-QE of the global query over its top results (0: off).
+    dba_neighbors, dba_alpha: alpha-DBA of the indexed global descriptors (0: off).
+    """
     k: int = 10
     shortlist: int = 100
-    mode: str = "two_stage"  # "two_stage" | "asmk" | "global"
+    mode: str = "two_stage"
     global_method: str = "exact"
-    # Stage 2 ranks the shortlist by asmk_score + global_weight * global_score. 0 = ASMK* alone.
-    # On ukbench-dev with the untrained MDA heads, ASMK* alone ranked the shortlist worse than
-    # the global stage (mAP 83.7 vs 98.3); 0.1 gave 98.4 (0.05-0.2 within 0.05 of it).
-    global_weight: float = 0.1
+    fusion: str = "minmax"
+    global_weight: float = 1.0
+    asmk_weight: float = 1.0
+    inlier_weight: float = 1.0
+    verify_top: int = 20
+    verification: VerificationConfig = field(default_factory=VerificationConfig)
+    query_expansion: int = 0
+    qe_alpha: float = 3.0
+    dba_neighbors: int = 0
+    dba_alpha: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in SEARCH_MODES:
+            raise ValueError(f"search.mode must be one of {SEARCH_MODES}, got {self.mode!r}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"search.fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if min(self.k, self.shortlist) < 1 or min(self.verify_top, self.query_expansion, self.dba_neighbors) < 0:
+            raise ValueError("search.k and shortlist must be >= 1; verify_top, query_expansion and "
+                             "dba_neighbors >= 0")
+
+    def ranking(self, fusion: str | None = None) -> str | Fusion:
+        """The ``fusion`` argument of ``TwoStageIndex.search`` for a fusion name (default: the
+        config's): a :class:`Fusion` rule with the configured weights, or "asmk" / "global"."""
+        fusion = self.fusion if fusion is None else fusion
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        if fusion in FUSION_RULES:
+            return Fusion(rule=fusion, global_weight=self.global_weight, asmk_weight=self.asmk_weight,
+                          inlier_weight=self.inlier_weight)
+        return fusion
 
 
 GLOBAL_LOSSES = ("auto", "arcface", "contrastive", "none")
@@ -271,4 +318,4 @@ def _update(obj, values: dict, where: str):
 
 
 __all__ = ["SystemConfig", "ExtractionConfig", "CodebookConfig", "AsmkConfig", "SearchConfig", "TrainConfig",
-           "PRECISIONS"]
+           "PRECISIONS", "FUSIONS"]

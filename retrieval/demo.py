@@ -66,16 +66,16 @@ def run_demo(out: str | os.PathLike, *, max_size: int | None = None, k: int = 6,
         printer("")
         printer(f"query {path.name}  (extraction {1000 * result.timings['extraction']:.0f} ms, "
                 f"stage 1 {1000 * result.timings['stage1']:.1f} ms, stage 2 "
-                f"{1000 * result.timings['stage2']:.1f} ms)")
-        printer(f"  {'rank':>4}  {'score':>7}  {'global':>7}  {'ASMK*':>7}  {'lines':>5}  image")
+                f"{1000 * result.timings['stage2']:.1f} ms, stage 3 {1000 * result.timings['stage3']:.1f} ms)")
+        printer(f"  {'rank':>4}  {'score':>7}  {'global':>7}  {'ASMK*':>7}  {'inliers':>7}  image")
         for hit in result:
             mark = "*" if hit.name in relevant else " "
             printer(f"  {hit.rank:>4}  {hit.score:7.4f}  {hit.global_score:7.4f}  "
-                    f"{hit.asmk_score:7.4f}  {len(hit.matches):>5}  {hit.name} {mark}")
+                    f"{hit.asmk_score:7.4f}  {max(hit.inliers, 0):>7}  {hit.name} {mark}")
         records.append(result.to_dict())
     printer("\n(* = a view of the query's object)")
     html = searcher.write_html(out / "results.html", results,
-                               title="Demo: two-stage retrieval (GLAM shortlist, MDA + ASMK*)")
+                               title="Demo: GLAM shortlist, MDA + ASMK* re-scoring, spatial verification")
     (out / "results.json").write_text(json.dumps(records, indent=2), encoding="utf-8")
     return {"html": str(html), "queries": len(results), "first_hit_correct": first_hit_correct,
             "precision_at_views": sum(precisions) / max(1, len(precisions)),

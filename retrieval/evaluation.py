@@ -1,19 +1,25 @@
-"""Evaluation of an index on a revisitop-layout dataset, for the three search modes.
+"""Evaluation of an index on a revisitop-layout dataset: every search variant side by side.
 
 The revisited Oxford/Paris protocol (``imagedata.revisitop``: mAP Easy/Medium/Hard, mP@1/5/10,
 query boxes applied, junk ignored), the UKBench N-S score when the ground truth is made of groups
-of four consecutive images, the median latency per query split into feature extraction, stage 1
-and stage 2, and the index size per image.
+of four consecutive images, the median latency per query of feature extraction and of each stage,
+and the index size per image.
 
-Rankings are complete (every database image ranked), as the protocol expects: ``global`` and
-``asmk`` rank the whole collection (images ASMK* does not return come after, in global order);
-``two_stage`` re-ranks the global top-``shortlist`` by ASMK* and keeps the global order after it.
+Variants (:data:`VARIANTS`): ``global`` (stage 1 alone), ``global+qe`` (alpha-QE), ``global+dba``
+and ``global+dba+qe`` (alpha-DBA of the indexed descriptors), ``asmk`` (ASMK* over the whole
+collection), ``two_stage`` (global shortlist ranked by the fusion of global and ASMK* scores),
+``two_stage+sv`` (and stage 3: spatial verification of the top ``verify_top``, the inlier counts
+fused in), ``two_stage+sv+qe``. Rankings are complete (every database image ranked), as the
+protocol expects: after a variant's results come the others in its stage-1 order.
+
+``queries``: "all", or "even" / "odd": the queries of every other object (objects are the
+connected groups of queries and their positives, in order of first appearance), so settings can
+be chosen on one half and reported on the other.
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +28,7 @@ import numpy as np
 from asmk_index.persistence import current_version
 from imagedata.revisitop import evaluate_revisitop, load_revisitop, ukbench_ns_score
 
-from .searcher import MODES, Searcher, get_searcher
+from .searcher import Searcher, get_searcher
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +60,6 @@ def is_ukbench_layout(gnd: Sequence[dict], query_positions: Sequence[int | None]
     return True
 
 
-@dataclass
-class ModeEvaluation:
-    """One mode's figures: revisitop result dict, N-S score, per-query stage timings (seconds)."""
-    revisitop: dict
-    ns_score: float | None
-    stage1_seconds: list[float] = field(default_factory=list)
-    stage2_seconds: list[float] = field(default_factory=list)
-
-
 def _full_ranking(result_positions: Sequence[int], fallback: np.ndarray, n_database: int
                   ) -> np.ndarray:
     """The ranked positions followed by ``fallback``'s remaining ones (then any never ranked)."""
@@ -74,75 +71,139 @@ def _full_ranking(result_positions: Sequence[int], fallback: np.ndarray, n_datab
     return sequence[np.sort(first)]
 
 
-def evaluate_index(dataset: str | os.PathLike, index: str | os.PathLike | Searcher, *,
-                   modes: Sequence[str] = MODES, shortlist: int | None = None,
-                   max_queries: int | None = None, progress: bool = True) -> dict:
-    """Evaluate ``index`` (built from ``dataset/jpg``) on the dataset's queries.
+# the "+qe" / "+dba" / "+sv" variants' neighbours and verified images where the config has them off (0)
+DEFAULT_EXPANSION_NEIGHBORS = 2
+DEFAULT_VERIFY_TOP = 20
+VARIANTS: dict[str, dict] = {
+    "global": {"mode": "global", "query_expansion": 0},
+    "global+qe": {"mode": "global", "qe": True},
+    "global+dba": {"mode": "global", "query_expansion": 0, "dba": True},
+    "global+dba+qe": {"mode": "global", "qe": True, "dba": True},
+    "asmk": {"mode": "asmk", "query_expansion": 0},
+    "two_stage": {"mode": "two_stage", "verify_top": 0, "query_expansion": 0},
+    "two_stage+sv": {"mode": "two_stage", "sv": True, "query_expansion": 0},
+    "two_stage+sv+qe": {"mode": "two_stage", "sv": True, "qe": True},
+}
+QUERY_SPLITS = ("all", "even", "odd")
 
-    Returns ``{"dataset", "n_database", "n_queries", "modes": {mode: {"mAP": {easy, medium, hard},
-    "mP@k": {...}, "ns_score"}}, "latency_ms": {mode: {extraction, stage1, stage2, total}}
-    (medians), "index_bytes_per_image", "index_bytes"}``.
+
+def query_objects(gnd: Sequence[dict], query_positions: Sequence[int | None]) -> list[int]:
+    """The object of every query: connected groups of queries and their positives (easy, hard),
+    numbered in order of first appearance."""
+    parent: dict = {}
+
+    def find(node):
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for query, (entry, position) in enumerate(zip(gnd, query_positions)):
+        members = [("q", query)] + [("d", int(i)) for key in ("easy", "hard") for i in (entry.get(key) or [])]
+        if position is not None:
+            members.append(("d", int(position)))
+        for member in members[1:]:
+            parent[find(member)] = find(members[0])
+    numbers: dict = {}
+    return [numbers.setdefault(find(("q", query)), len(numbers)) for query in range(len(gnd))]
+
+
+def _variant_options(name: str, settings) -> dict:
+    """Searcher.search_features options of a variant (see :data:`VARIANTS`)."""
+    options = dict(VARIANTS[name])
+    options.pop("dba", None)
+    if options.pop("qe", False):
+        options["query_expansion"] = settings.query_expansion or DEFAULT_EXPANSION_NEIGHBORS
+    if options.pop("sv", False):
+        options["verify_top"] = settings.verify_top or DEFAULT_VERIFY_TOP
+    return options
+
+
+def evaluate_index(dataset: str | os.PathLike, index: str | os.PathLike | Searcher, *,
+                   variants: Sequence[str] = tuple(VARIANTS), shortlist: int | None = None,
+                   max_queries: int | None = None, queries: str = "all",
+                   progress: bool = True) -> dict:
+    """Evaluate ``index`` (built from ``dataset/jpg``) on the dataset's queries, every variant.
+
+    Returns ``{"dataset", "n_database", "n_queries", "queries", "shortlist", "verify_top",
+    "modes": {variant: {"mAP": {easy, medium, hard}, "mP@k": {...}, "ns_score"}}, "latency_ms":
+    {variant: {extraction, stage1, stage2, stage3, total}} (medians), "index_bytes_per_image",
+    "index_bytes", "memory_bytes_per_image"}``.
     """
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    if queries not in QUERY_SPLITS:
+        raise ValueError(f"queries must be one of {QUERY_SPLITS}, got {queries!r}")
     data = load_revisitop(dataset)
     searcher = index if isinstance(index, Searcher) else get_searcher(index)
-    shortlist = int(shortlist or searcher.config.search.shortlist)
+    settings = searcher.config.search
+    shortlist = int(shortlist or settings.shortlist)
     position_of = {name: position for position, name in enumerate(data.imlist)}
     id_position = {}
     for name, image_id in zip(searcher.index.names, searcher.index.ids):
-        position = position_of.get(_stem(name), -1)
-        id_position[int(image_id)] = position
+        id_position[int(image_id)] = position_of.get(_stem(name), -1)
     missing = len(data.imlist) - sum(1 for p in id_position.values() if p >= 0)
     if missing:
         logger.warning("%d of the dataset's %d database images are not in the index (they rank "
                        "last)", missing, len(data.imlist))
-    n_database = len(data.imlist)
-    query_count = len(data.qimlist) if max_queries is None else min(max_queries,
-                                                                    len(data.qimlist))
-    n_index = len(searcher.index)
-    rankings = {mode: [] for mode in modes}
-    stage_times = {mode: ([], []) for mode in modes}
-    extraction_times = []
-    iterator = range(query_count)
+    n_database, n_index = len(data.imlist), len(searcher.index)
+    all_positions = [position_of.get(name) for name in data.qimlist]
+    objects = query_objects(data.gnd, all_positions)
+    chosen = [q for q in range(len(data.qimlist))
+              if queries == "all" or objects[q] % 2 == (0 if queries == "even" else 1)]
+    chosen = chosen[:max_queries] if max_queries is not None else chosen
+    prepared = []
+    iterator = chosen
     if progress:
         from tqdm import tqdm
-        iterator = tqdm(iterator, desc="queries", unit="query", dynamic_ncols=True)
+        iterator = tqdm(chosen, desc="query features", unit="query", dynamic_ncols=True)
     for query_index in iterator:
-        query = searcher.prepare(data.image_path(data.qimlist[query_index]),
-                                 bbox=data.query_bbox(query_index),
-                                 label=data.qimlist[query_index])
-        extraction_times.append(query.extraction_seconds)
-        global_order = searcher.search_features(query, k=n_index, mode="global")
-        global_positions = np.array([id_position[hit.image_id] for hit in global_order])
-        for mode in modes:
-            if mode == "global":
-                result = global_order
-            else:
-                result = searcher.search_features(
-                    query, k=shortlist if mode == "two_stage" else n_index,
-                    shortlist=shortlist, mode=mode)
-            positions = [id_position[hit.image_id] for hit in result]
-            rankings[mode].append(_full_ranking(positions, global_positions, n_database))
-            stage_times[mode][0].append(result.timings["stage1"])
-            stage_times[mode][1].append(result.timings["stage2"])
-    gnd = data.gnd[:query_count]
-    query_positions = [position_of.get(name) for name in data.qimlist[:query_count]]
+        prepared.append(searcher.prepare(data.image_path(data.qimlist[query_index]),
+                                         bbox=data.query_bbox(query_index), label=data.qimlist[query_index]))
+    rankings = {name: [] for name in variants}
+    stage_times = {name: {"stage1": [], "stage2": [], "stage3": []} for name in variants}
+    global_index = searcher.index.two_stage.global_index
+    dba_neighbors = settings.dba_neighbors or DEFAULT_EXPANSION_NEIGHBORS
+    try:
+        for with_dba in (False, True):                       # DBA changes the indexed descriptors
+            names = [name for name in variants if bool(VARIANTS[name].get("dba")) == with_dba]
+            if not names:
+                continue
+            global_index.use_expansion(dba_neighbors=dba_neighbors if with_dba else settings.dba_neighbors)
+            for name in names:
+                options = _variant_options(name, settings)
+                for query in prepared:
+                    stage1 = searcher.search_features(query, k=n_index, mode="global",
+                                                      query_expansion=options.get("query_expansion", 0))
+                    fallback = np.array([id_position[hit.image_id] for hit in stage1])
+                    result = stage1
+                    if options["mode"] != "global":
+                        k = shortlist if options["mode"] == "two_stage" else n_index
+                        result = searcher.search_features(query, k=k, shortlist=shortlist, **options)
+                    positions = [id_position[hit.image_id] for hit in result]
+                    rankings[name].append(_full_ranking(positions, fallback, n_database))
+                    for stage in stage_times[name]:
+                        stage_times[name][stage].append(result.timings[stage])
+    finally:
+        global_index.use_expansion(dba_neighbors=settings.dba_neighbors)
+    gnd = [data.gnd[q] for q in chosen]
+    query_positions = [all_positions[q] for q in chosen]
     ukbench = is_ukbench_layout(gnd, query_positions)
-    report = {"dataset": str(dataset), "n_database": n_database, "n_queries": query_count,
-              "shortlist": shortlist, "modes": {}, "latency_ms": {}}
-    median_extraction = 1000 * float(np.median(extraction_times)) if extraction_times else 0.0
-    for mode in modes:
-        ranks = np.stack(rankings[mode]) if rankings[mode] else np.zeros((0, n_database), int)
+    report = {"dataset": str(dataset), "n_database": n_database, "n_queries": len(chosen),
+              "queries": queries, "shortlist": shortlist, "verify_top": settings.verify_top,
+              "fusion": settings.fusion, "modes": {}, "latency_ms": {}}
+    extraction = 1000 * float(np.median([q.extraction_seconds for q in prepared])) if prepared else 0.0
+    for name in variants:
+        ranks = np.stack(rankings[name]) if rankings[name] else np.zeros((0, n_database), int)
         result = evaluate_revisitop(ranks, gnd, query_major=True)
-        entry = {"mAP": result["mAP"], "mP@k": result["mP@k"],
-                 "n_queries": result["n_queries"], "ns_score": None}
-        if ukbench:
-            entry["ns_score"] = ukbench_ns_score(ranks, query_indices=query_positions)
-        report["modes"][mode] = entry
-        stage1 = 1000 * float(np.median(stage_times[mode][0]))
-        stage2 = 1000 * float(np.median(stage_times[mode][1]))
-        report["latency_ms"][mode] = {"extraction": median_extraction, "stage1": stage1,
-                                      "stage2": stage2,
-                                      "total": median_extraction + stage1 + stage2}
+        entry = {"mAP": result["mAP"], "mP@k": result["mP@k"], "n_queries": result["n_queries"],
+                 "ns_score": ukbench_ns_score(ranks, query_indices=query_positions) if ukbench else None}
+        report["modes"][name] = entry
+        latency = {stage: 1000 * float(np.median(values)) if values else 0.0
+                   for stage, values in stage_times[name].items()}
+        report["latency_ms"][name] = {"extraction": extraction, **latency,
+                                      "total": extraction + sum(latency.values())}
     index_dir = getattr(searcher, "index_directory", None)
     if index_dir is not None:
         two_stage_dir = current_version(index_dir) / "two_stage"
@@ -151,7 +212,7 @@ def evaluate_index(dataset: str | os.PathLike, index: str | os.PathLike | Search
         report["index_bytes_per_image"] = total / max(1, n_index)
         report["index_bytes_per_image_parts"] = {
             part: directory_bytes(two_stage_dir / part) / max(1, n_index)
-            for part in ("global", "asmk") if (two_stage_dir / part).is_dir()}
+            for part in ("global", "asmk", "local") if (two_stage_dir / part).is_dir()}
     report["memory_bytes_per_image"] = searcher.index.two_stage.memory_bytes() / max(1, n_index)
     return report
 
@@ -159,23 +220,26 @@ def evaluate_index(dataset: str | os.PathLike, index: str | os.PathLike | Search
 def format_evaluation(report: dict) -> str:
     """A plain-text table of :func:`evaluate_index`'s report."""
     lines = [f"dataset {report['dataset']}: {report['n_database']} database images, "
-             f"{report['n_queries']} queries, shortlist {report['shortlist']}",
-             f"{'mode':<10} {'mAP E':>7} {'mAP M':>7} {'mAP H':>7} {'mP@1 M':>7} {'mP@5 M':>7} "
-             f"{'mP@10 M':>8} {'N-S':>6} | {'extract':>8} {'stage1':>8} {'stage2':>8} ms"]
-    for mode, entry in report["modes"].items():
+             f"{report['n_queries']} queries ({report['queries']}), shortlist {report['shortlist']}, "
+             f"fusion {report['fusion']}, verify top {report['verify_top']}",
+             f"{'variant':<16} {'mAP E':>6} {'mAP M':>6} {'mAP H':>6} {'mP@1':>6} {'mP@5':>6} "
+             f"{'mP@10':>6} {'N-S':>6} | {'extract':>7} {'stage1':>7} {'stage2':>7} {'stage3':>7} ms"]
+    for name, entry in report["modes"].items():
         m, precision = entry["mAP"], entry["mP@k"]["medium"]
         ns = "-" if entry["ns_score"] is None else f"{entry['ns_score']:.3f}"
-        latency = report["latency_ms"][mode]
-        lines.append(f"{mode:<10} {m['easy']:7.2f} {m['medium']:7.2f} {m['hard']:7.2f} "
-                     f"{precision[1]:7.2f} {precision[5]:7.2f} {precision[10]:8.2f} {ns:>6} | "
-                     f"{latency['extraction']:8.1f} {latency['stage1']:8.2f} "
-                     f"{latency['stage2']:8.2f}")
+        latency = report["latency_ms"][name]
+        lines.append(f"{name:<16} {m['easy']:6.2f} {m['medium']:6.2f} {m['hard']:6.2f} "
+                     f"{precision[1]:6.2f} {precision[5]:6.2f} {precision[10]:6.2f} {ns:>6} | "
+                     f"{latency['extraction']:7.1f} {latency['stage1']:7.2f} {latency['stage2']:7.2f} "
+                     f"{latency['stage3']:7.2f}")
     if "index_bytes_per_image" in report:
         parts = ", ".join(f"{name} {value / 1024:.1f} KiB"
                           for name, value in report.get("index_bytes_per_image_parts", {}).items())
         lines.append(f"index size per image: {report['index_bytes_per_image'] / 1024:.1f} KiB on "
                      f"disk ({parts}); {report['memory_bytes_per_image'] / 1024:.1f} KiB in memory")
+    lines.append("mP@k: medium protocol; latency: median per query (extraction once per query)")
     return "\n".join(lines)
 
 
-__all__ = ["evaluate_index", "format_evaluation", "is_ukbench_layout", "directory_bytes"]
+__all__ = ["evaluate_index", "format_evaluation", "is_ukbench_layout", "directory_bytes", "query_objects",
+           "VARIANTS", "QUERY_SPLITS"]

@@ -181,6 +181,17 @@ class CollectionFeatures:
     local_owner: np.ndarray
     local_fields: dict[str, np.ndarray] = field(default_factory=dict)
 
+    @property
+    def local_geometry(self) -> np.ndarray:
+        """(N, 3) float32 x, y, scale of the local features."""
+        return local_geometry(self.local_fields)
+
+
+def local_geometry(fields) -> np.ndarray:
+    """(N, 3) float32 x, y, scale of local features (a LocalFeatures or a dict of its fields)."""
+    get = fields.get if isinstance(fields, dict) else lambda name: getattr(fields, name)
+    return np.column_stack([get("x"), get("y"), get("scale")]).astype(np.float32)
+
 
 @dataclass
 class StoreRun:
@@ -265,6 +276,6 @@ def default_store_root(codebook_dir: str | os.PathLike) -> Path:
     return codebook_dir.parent / f".{codebook_dir.name}.features"
 
 
-__all__ = ["ImageFeatures", "CollectionFeatures", "FeatureStore", "StoreRun", "extract_batch",
+__all__ = ["ImageFeatures", "CollectionFeatures", "local_geometry", "FeatureStore", "StoreRun", "extract_batch",
            "extract_image", "prepare_network", "inference", "mixed_precision_dtype", "collect_images",
            "image_names", "record_key", "default_store_root", "GLOBAL_FIELD", "FEATURES_FILE"]

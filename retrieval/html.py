@@ -1,7 +1,7 @@
 """A self-contained HTML page of search results (images embedded as base64 JPEG thumbnails).
 
 Each result row shows the query and the result side by side in one inline SVG, with a line between
-every pair of local features that matched (see :func:`retrieval.matching.match_local_features`).
+the two ends of every inlier correspondence that spatial verification kept, and the inlier count.
 """
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ LINE_COLOURS = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4"
 
 @dataclass
 class HtmlResult:
-    """One row of the page: the result image (H, W, 3) uint8, its scores and matched points.
+    """One row of the page: the result image (H, W, 3) uint8, its scores and verified inliers.
 
-    matches: (m, 4) float array of (query x, query y, result x, result y) in the pixel frames of
-    the query image and ``image``; words: (m,) visual word of each match (colours the lines).
+    inliers: spatial verification's inlier count (-1: not verified, 0: rejected); matches: (m, 4)
+    float array of the inliers' (query x, query y, result x, result y) in the pixel frames of the
+    query image and ``image``.
     """
     rank: int
     name: str
@@ -36,8 +37,8 @@ class HtmlResult:
     score: float
     global_score: float | None = None
     asmk_score: float | None = None
+    inliers: int = -1
     matches: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
-    words: np.ndarray | None = None
 
 
 def image_to_data_uri(image: np.ndarray, height: int) -> tuple[str, int, int]:
@@ -55,6 +56,10 @@ def _score(value: float | None) -> str:
     return "-" if value is None or not np.isfinite(value) else f"{value:.4f}"
 
 
+def _inliers(count: int) -> str:
+    return "not verified" if count < 0 else ("rejected" if count == 0 else str(count))
+
+
 def _pair_svg(query: np.ndarray, result: HtmlResult) -> str:
     query_uri, query_width, _ = image_to_data_uri(query, THUMBNAIL_HEIGHT)
     result_uri, result_width, _ = image_to_data_uri(result.image, THUMBNAIL_HEIGHT)
@@ -64,9 +69,8 @@ def _pair_svg(query: np.ndarray, result: HtmlResult) -> str:
     total_width = offset + result_width
     lines = []
     matches = np.asarray(result.matches, dtype=np.float64).reshape(-1, 4)
-    words = result.words if result.words is not None else np.arange(len(matches))
-    for (qx, qy, rx, ry), word in zip(matches, words):
-        colour = LINE_COLOURS[int(word) % len(LINE_COLOURS)]
+    for number, (qx, qy, rx, ry) in enumerate(matches):
+        colour = LINE_COLOURS[number % len(LINE_COLOURS)]
         x1, y1 = qx * query_scale, qy * query_scale
         x2, y2 = offset + rx * result_scale, ry * result_scale
         lines.append(f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" '
@@ -104,15 +108,15 @@ def render_results_page(queries: Sequence[tuple[str, np.ndarray, Sequence[HtmlRe
         parts.append(f"<h2>Query: {html.escape(query_name)}</h2>"
                      f"<div class='query'><img src='{query_uri}' alt='query'></div>")
         parts.append("<table><tr><th>rank</th><th>image</th><th>score</th><th>global</th>"
-                     "<th>ASMK*</th><th>matches</th><th>query &harr; result (matched local "
-                     "features)</th></tr>")
+                     "<th>ASMK*</th><th>inliers</th><th>query &harr; result (verified inlier "
+                     "correspondences)</th></tr>")
         for result in results:
             parts.append(
                 f"<tr><td class='num'>{result.rank}</td><td>{html.escape(result.name)}</td>"
                 f"<td class='num'>{_score(result.score)}</td>"
                 f"<td class='num'>{_score(result.global_score)}</td>"
                 f"<td class='num'>{_score(result.asmk_score)}</td>"
-                f"<td class='num'>{len(np.asarray(result.matches).reshape(-1, 4))}</td>"
+                f"<td class='num'>{_inliers(result.inliers)}</td>"
                 f"<td>{_pair_svg(query_image, result)}</td></tr>")
         parts.append("</table>")
     parts.append("</body></html>")

@@ -43,14 +43,17 @@ TWO_STAGE_DIR, REPORT_FILE = "two_stage", "report.json"
 def new_two_stage_index(bundle: ModelBundle):
     """An empty ``asmk_index.TwoStageIndex`` with the bundle's codebook and ASMK*/search settings."""
     from asmk_index.two_stage import TwoStageIndex
-    asmk = bundle.config.asmk
+    asmk, search = bundle.config.asmk, bundle.config.search
     return TwoStageIndex.create(bundle.codebook, bundle.global_dim,
                                 binary=asmk.binary, alpha=asmk.alpha,
                                 similarity_threshold=asmk.similarity_threshold,
                                 multiple_assignment=asmk.multiple_assignment,
                                 query_multiple_assignment=min(asmk.query_multiple_assignment,
                                                               bundle.codebook.size),
-                                use_idf=asmk.use_idf, method=bundle.config.search.global_method)
+                                use_idf=asmk.use_idf, method=search.global_method,
+                                local_features=True, query_expansion=search.query_expansion,
+                                qe_alpha=search.qe_alpha, dba_neighbors=search.dba_neighbors,
+                                dba_alpha=search.dba_alpha)
 
 
 def check_image_name(name: str) -> str:
@@ -114,11 +117,12 @@ class RetrievalIndex:
 
     # ------------------------------------------------------------------ changes
     def add(self, names: Sequence[str], global_descriptors: np.ndarray,
-            local_descriptors: np.ndarray, local_owner: np.ndarray, *,
+            local_descriptors: np.ndarray, local_owner: np.ndarray, local_geometry: np.ndarray, *,
             root: str | os.PathLike | None = None) -> np.ndarray:
         """Add images: ``global_descriptors`` (n, Dg), local (N, Dl) owned by ``local_owner`` (N,)
-        positions into ``names`` (paths relative to the folder ``root``). Returns the new ids.
-        Names already indexed, or leaving their root, are an error."""
+        positions into ``names`` (paths relative to the folder ``root``), with their x, y, scale
+        ``local_geometry`` (N, 3) (kept for spatial verification). Returns the new ids. Names
+        already indexed, or leaving their root, are an error."""
         names = [check_image_name(name) for name in names]
         duplicates = sorted(set(names) & set(self._id_of))
         if duplicates or len(set(names)) != len(names):
@@ -128,7 +132,7 @@ class RetrievalIndex:
         ids = np.arange(self.next_id, self.next_id + len(names), dtype=np.int64)
         root_number = self.root_number(root)
         self.two_stage.add(global_descriptors, ids, local_descriptors,
-                           ids[np.asarray(local_owner, dtype=np.int64)])
+                           ids[np.asarray(local_owner, dtype=np.int64)], local_geometry=local_geometry)
         self.next_id += len(names)
         self.names.extend(names)
         self.ids = np.concatenate([self.ids, ids])

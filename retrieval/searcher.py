@@ -6,8 +6,11 @@
 >>> searcher = Searcher("my_index")                             # models loaded once, reused
 >>> many = searcher.search(["a.jpg", pil_image, array], bbox=[None, (10, 10, 200, 150), None])
 
-Stage 1: the GLAM global descriptor of the query gives a shortlist from the global index;
-stage 2: the query's MDA local features re-score the shortlist with ASMK* (``mode="two_stage"``).
+``mode="two_stage"``: stage 1, the GLAM global descriptor of the query (alpha-QE optional) gives a
+shortlist from the global index; stage 2, the query's MDA local features score the shortlist with
+ASMK*; stage 3, the top ``verify_top`` are spatially verified against the local features stored
+with the index (visual word + Hamming distance correspondences, an affine RANSAC fit); a fusion
+rule that does not depend on the scales of the scores ranks the shortlist (``search.fusion``).
 ``mode="global"`` ranks by the global descriptor only, ``mode="asmk"`` by ASMK* over the whole
 collection.
 """
@@ -27,19 +30,20 @@ from imagedata.images import ImageLoadError, crop_to_box, load_image, resize_max
 from mda.extract import LocalFeatures
 
 from .html import HtmlResult, write_results_page
+from .extraction import local_geometry
 from .index_store import RetrievalIndex, index_version
-from .matching import match_local_features
 
 MODES = ("two_stage", "asmk", "global")
 
 
 @dataclass
 class SearchHit:
-    """One result: its rank (1 = best), image name and id, final score and both stage scores.
+    """One result: its rank (1 = best), image name and id, final score and each stage's score.
 
-    ``matches``: (m, 4) float32 (query x, y, result x, y) of matched local features, filled when
-    the search is asked ``with_matches=True`` (query coordinates in the query as searched, i.e.
-    after the bbox crop and the max_size downscale; result ones in the indexed image).
+    ``inliers``: spatial verification's inlier count (-1: not verified, 0: rejected).
+    ``matches``: (m, 4) float32 (query x, y, result x, y) of the verified inlier correspondences
+    (query coordinates in the query as searched, i.e. after the bbox crop and the max_size
+    downscale; result ones in the indexed image as extracted); empty when not verified.
     """
     rank: int
     name: str
@@ -47,14 +51,13 @@ class SearchHit:
     score: float
     global_score: float
     asmk_score: float
+    inliers: int = -1
     path: str | None = None
-    matches: np.ndarray | None = None
-    match_words: np.ndarray | None = None
+    matches: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
 
     def to_dict(self) -> dict:
         values = asdict(self)
-        values.pop("match_words")
-        values["matches"] = None if self.matches is None else np.round(self.matches, 1).tolist()
+        values["matches"] = np.round(self.matches, 1).tolist()
         return values
 
 
@@ -146,6 +149,9 @@ class Searcher:
             index, device=device)
         self.models = self.index.models
         self.config = self.models.config
+        search = self.config.search  # the config's DBA of the indexed global descriptors
+        self.index.two_stage.global_index.use_expansion(dba_neighbors=search.dba_neighbors,
+                                                        dba_alpha=search.dba_alpha)
         self._lock = threading.Lock()  # torch modules and faiss indexes are shared per searcher
 
     def __len__(self) -> int:
@@ -165,7 +171,9 @@ class Searcher:
 
     def search_features(self, query: QueryFeatures, *, k: int | None = None,
                         shortlist: int | None = None, mode: str | None = None,
-                        with_matches: bool = False) -> SearchResults:
+                        with_matches: bool = False, fusion: str | None = None,
+                        verify_top: int | None = None, query_expansion: int | None = None
+                        ) -> SearchResults:
         """Rank the collection for a prepared query (see :meth:`search`)."""
         settings = self.config.search
         k = int(k if k is not None else settings.k)
@@ -175,41 +183,55 @@ class Searcher:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if k < 1 or shortlist < 1:
             raise ValueError(f"k and shortlist must be >= 1, got k={k}, shortlist={shortlist}")
+        verify_top = int(settings.verify_top if verify_top is None else verify_top)
+        options = {}
+        if mode == "two_stage":
+            if with_matches:
+                verify_top = max(verify_top, k)  # every hit shown gets its inliers drawn
+            options = {"fusion": settings.ranking(fusion), "verify_top": verify_top,
+                       "query_geometry": local_geometry(query.local), "verification": settings.verification}
         start = time.perf_counter()
         with self._lock:
-            raw = self.index.two_stage.search(query.global_descriptor, query.local.descriptors,
-                                              k=k, shortlist=shortlist, mode=mode,
-                                              global_weight=settings.global_weight)
+            raw = self.index.two_stage.search(
+                query.global_descriptor, query.local.descriptors, k=k, shortlist=shortlist, mode=mode,
+                query_expansion=settings.query_expansion if query_expansion is None else query_expansion,
+                qe_alpha=settings.qe_alpha, **options)
+            verifications = raw.verifications
+            if with_matches and verifications is None and len(raw.ids):   # stage 3 for the hits only
+                verifications = self.index.two_stage.verify(query.local.descriptors, local_geometry(query.local),
+                                                            raw.ids, settings.verification)
         search_seconds = time.perf_counter() - start
         hits = []
         for position, image_id in enumerate(np.asarray(raw.ids).reshape(-1).tolist()):
             name = self.index.name_of(image_id)
             path = self.index.image_path(name)
+            verification = None if verifications is None else verifications[position]
+            inliers = -1 if verification is None else int(verification.inliers)
             hits.append(SearchHit(rank=position + 1, name=name, image_id=int(image_id),
-                                  score=float(np.ravel(raw.scores)[position]),
-                                  global_score=float(np.ravel(raw.global_scores)[position]),
-                                  asmk_score=float(np.ravel(raw.asmk_scores)[position]),
-                                  path=None if path is None else str(path)))
+                                  score=float(raw.scores[position]), global_score=float(raw.global_scores[position]),
+                                  asmk_score=float(raw.asmk_scores[position]), inliers=inliers,
+                                  path=None if path is None else str(path),
+                                  matches=_inlier_lines(verification)))
         timings = {"extraction": query.extraction_seconds, "stage1": float(raw.stage1_seconds),
-                   "stage2": float(raw.stage2_seconds), "search": search_seconds}
-        results = SearchResults(query=query.label, hits=hits, mode=mode, k=k, shortlist=shortlist,
-                                timings=timings, query_image=query.image)
-        if with_matches:
-            self.add_matches(query, results)
-        return results
+                   "stage2": float(raw.stage2_seconds), "stage3": float(raw.stage3_seconds),
+                   "search": search_seconds}
+        return SearchResults(query=query.label, hits=hits, mode=mode, k=k, shortlist=shortlist,
+                             timings=timings, query_image=query.image)
 
     def search(self, queries: Any, *, k: int | None = None, shortlist: int | None = None,
-               mode: str | None = None, bbox: Any = None, with_matches: bool = False
-               ) -> SearchResults | list[SearchResults]:
+               mode: str | None = None, bbox: Any = None, with_matches: bool = False,
+               fusion: str | None = None, verify_top: int | None = None,
+               query_expansion: int | None = None) -> SearchResults | list[SearchResults]:
         """Search one query or a list of queries.
 
         queries: a path, a PIL image or an (H, W, 3) array, or a list of them.
         k: results per query (default config.search.k); shortlist: stage-1 size (default
-        config.search.shortlist); mode: "two_stage" | "asmk" | "global".
+        config.search.shortlist); mode: "two_stage" | "asmk" | "global"; fusion, verify_top,
+        query_expansion: override the config's (``search`` section).
         bbox: (x0, y0, x1, y1) in the query's pixels (one query), or a list with one box or None
         per query.
-        with_matches: also find the matched local features of each hit (for display; this
-        re-extracts the hits' features from their image files).
+        with_matches: spatially verify every hit (stage 3) so that ``hit.matches`` holds its inlier
+        correspondences (for display).
         Returns :class:`SearchResults` for one query, a list of them for a list.
         """
         single = _is_single_query(queries)
@@ -224,7 +246,8 @@ class Searcher:
         for position, (query, box) in enumerate(zip(query_list, boxes)):
             prepared = self.prepare(query, bbox=box, label=_query_label(query, position))
             results.append(self.search_features(prepared, k=k, shortlist=shortlist, mode=mode,
-                                                with_matches=with_matches))
+                                                with_matches=with_matches, fusion=fusion,
+                                                verify_top=verify_top, query_expansion=query_expansion))
         return results[0] if single else results
 
     # ------------------------------------------------------------------ display
@@ -237,20 +260,6 @@ class Searcher:
             return load_image(path, max_size=self.config.extraction.max_size)
         except ImageLoadError:
             return None
-
-    def add_matches(self, query: QueryFeatures, results: SearchResults) -> None:
-        """Fill ``hit.matches`` (see :class:`SearchHit`) by re-extracting each hit's features."""
-        for hit in results.hits:
-            image = self.indexed_image(hit.name)
-            if image is None:
-                hit.matches = np.zeros((0, 4), np.float32)
-                continue
-            with self._lock:
-                features = self.models.extract_image(image).local
-            matches = match_local_features(query.local, features, self.models.codebook,
-                                           asmk=self.config.asmk)
-            hit.matches = matches.points(query.local, features)
-            hit.match_words = matches.word
 
     def write_html(self, path: str | os.PathLike, results: SearchResults | Sequence[SearchResults],
                    *, title: str = "Search results") -> Path:
@@ -268,14 +277,20 @@ class Searcher:
                     image = np.full((64, 64, 3), 200, np.uint8)
                 rows.append(HtmlResult(rank=hit.rank, name=hit.name, image=image, score=hit.score,
                                        global_score=hit.global_score, asmk_score=hit.asmk_score,
-                                       matches=(hit.matches if hit.matches is not None
-                                                else np.zeros((0, 4), np.float32)),
-                                       words=hit.match_words))
+                                       inliers=hit.inliers, matches=hit.matches))
             pages.append((result.query, result.query_image, rows))
         note = (f"{len(self.index)} images indexed; mode {result_list[0].mode}, shortlist "
-                f"{result_list[0].shortlist}. Lines join local features quantized to the same "
-                "visual word whose ASMK* selectivity is > 0.")
+                f"{result_list[0].shortlist}. Lines join the local features that spatial verification "
+                "kept as inliers of one affine transform (same visual word, close binary signatures, "
+                "consistent geometry).")
         return write_results_page(path, pages, title=title, note=note)
+
+
+def _inlier_lines(verification) -> np.ndarray:
+    """(m, 4) float32 (query x, y, result x, y) of a verification's inliers (empty when none)."""
+    if verification is None or not verification.inliers:
+        return np.zeros((0, 4), np.float32)
+    return np.column_stack([verification.query_xy, verification.db_xy]).astype(np.float32)
 
 
 _SEARCHERS: dict[tuple[str, int, str | None], Searcher] = {}
@@ -307,12 +322,10 @@ def clear_searcher_cache() -> None:
 
 
 def search(index: str | os.PathLike | RetrievalIndex | Searcher, queries: Any, *,
-           k: int | None = None, shortlist: int | None = None, mode: str | None = None,
-           bbox: Any = None, with_matches: bool = False, device: str | None = None
-           ) -> SearchResults | list[SearchResults]:
-    """Two-stage search of ``queries`` in ``index`` (see :meth:`Searcher.search`)."""
-    return get_searcher(index, device=device).search(queries, k=k, shortlist=shortlist, mode=mode,
-                                                     bbox=bbox, with_matches=with_matches)
+           device: str | None = None, **options) -> SearchResults | list[SearchResults]:
+    """Search ``queries`` in ``index`` (see :meth:`Searcher.search` for the options: k,
+    shortlist, mode, bbox, with_matches, fusion, verify_top, query_expansion)."""
+    return get_searcher(index, device=device).search(queries, **options)
 
 
 __all__ = ["Searcher", "SearchResults", "SearchHit", "QueryFeatures", "search", "get_searcher",

@@ -1,6 +1,6 @@
 """The whole system on real photos (ukbench-dev at small resolution): codebook directory, index
 (reusing the codebook run's features, referring to its model), append, remove, two-stage search
-(the query's own object first), evaluation of the three modes, an interrupted index run that
+(the query's own object first), evaluation of every search variant, an interrupted index run that
 resumes without extracting any image twice, broken files skipped and reported, the command-line
 scripts and the HTML page."""
 from __future__ import annotations
@@ -124,9 +124,10 @@ def test_index_report_and_search_ranks_own_object_first(collection):
         scores = [hit.score for hit in results]
         assert scores == sorted(scores, reverse=True)
         assert all(np.isfinite([hit.global_score, hit.asmk_score]).all() for hit in results)
-        weight = searcher.config.search.global_weight  # stage 2 decides the order
-        assert all(np.isclose(hit.score, hit.asmk_score + weight * hit.global_score)
-                   for hit in results)
+        # stage 3 verified the top of the shortlist: the query itself with many inliers, and every
+        # inlier correspondence is drawn from the stored features
+        assert results.hits[0].inliers >= 40 and len(results.hits[0].matches) == results.hits[0].inliers
+        assert all(hit.inliers >= 0 for hit in results) and results.timings["stage3"] > 0
         mates_in_top4.append(len(group & set(results.names)))
         # global descriptors alone put the whole group first on these photos
         assert set(searcher.search(query, k=4, mode="global").names) == group
@@ -153,7 +154,8 @@ def test_append_and_remove_without_rebuilding(collection, tmp_path):
     assert report.images == 4 * (BASE_OBJECTS + EXTRA_OBJECTS)
     searcher = Searcher(index_dir)
     query = folder / extra[1]
-    assert searcher.search(query, k=1).hits[0].name == extra[1]
+    first = searcher.search(query, k=1, verify_top=5).hits[0]
+    assert first.name == extra[1] and first.inliers >= 40  # verified against appended features
     removed = extra[:2] + [collection["names"][0]]
     report = build_index(index_dir, remove=removed[:2] + [removed[2][:-len(".jpg")],
                                                           "not-there.jpg"], progress=False)
@@ -162,24 +164,35 @@ def test_append_and_remove_without_rebuilding(collection, tmp_path):
     assert len(reloaded) == 4 * (BASE_OBJECTS + EXTRA_OBJECTS) - 3
     names = reloaded.search(query, k=len(reloaded), mode="global").names
     assert not set(removed) & set(names)
+    verified = reloaded.search(folder / extra[2], k=3, verify_top=len(reloaded))
+    assert verified.hits[0].name == extra[2] and verified.hits[0].inliers >= 40
+    assert not set(removed) & set(verified.names)
     assert RetrievalIndex.report(index_dir)["removed"] == report.removed
 
 
-def test_evaluate_three_modes_and_ns_score(collection):
+def test_evaluate_every_variant_side_by_side_with_stage_latencies(collection):
+    from retrieval.evaluation import VARIANTS
     report = evaluate_index(collection["dataset"], collection["index"], max_queries=8,
                             progress=False)
-    assert set(report["modes"]) == {"two_stage", "asmk", "global"}
-    for mode, entry in report["modes"].items():
+    assert list(report["modes"]) == list(VARIANTS)
+    for name, entry in report["modes"].items():
         assert 0.0 <= entry["mAP"]["medium"] <= 100.0
         assert entry["mAP"]["easy"] == pytest.approx(entry["mAP"]["medium"])  # no hard positives
         assert 0.0 <= entry["ns_score"] <= 4.0
-        latency = report["latency_ms"][mode]
+        latency = report["latency_ms"][name]
         assert latency["extraction"] > 0 and latency["stage1"] > 0
+        assert (latency["stage3"] > 0) == ("+sv" in name)
+        assert (latency["stage2"] > 0) == (name.startswith(("asmk", "two_stage")))
     # on 6 objects the images' mates are found well above chance (random mAP ~ 15)
-    assert report["modes"]["two_stage"]["mAP"]["medium"] > 40
-    assert report["modes"]["global"]["mAP"]["medium"] > 80
-    assert report["modes"]["two_stage"]["ns_score"] >= 2.0
+    for name in ("two_stage", "two_stage+sv", "global"):
+        assert report["modes"][name]["mAP"]["medium"] > 80, name
+    assert report["modes"]["two_stage+sv"]["ns_score"] >= 3.0
     assert report["index_bytes_per_image"] > 0 and report["memory_bytes_per_image"] > 0
+    assert set(report["index_bytes_per_image_parts"]) == {"global", "asmk", "local"}
+    # every other object's queries: two halves that together are all the queries
+    halves = [evaluate_index(collection["dataset"], collection["index"], queries=split,
+                             variants=["global"], progress=False) for split in ("even", "odd")]
+    assert [half["n_queries"] for half in halves] == [12, 12]
 
 
 def test_interrupted_index_run_resumes_without_extracting_twice(collection, tmp_path,
@@ -258,7 +271,7 @@ def test_command_line_scripts_and_html(collection, tmp_path, capsys):
                                  str(collection["index"]), "--max-queries", "2", "--json",
                                  str(figures), "--no-progress"]) == 0
     assert "two_stage" in capsys.readouterr().out
-    assert set(json.loads(figures.read_text())["modes"]) == {"two_stage", "asmk", "global"}
+    assert "two_stage+sv" in json.loads(figures.read_text())["modes"]
 
     copy = tmp_path / "index"
     shutil.copytree(collection["index"], copy)

@@ -1,5 +1,5 @@
 """retrieval/ pieces that need no model: config YAML, codebook size cap, the demo collection,
-query preparation, feature matching, the HTML page, ranking completion, argument parsing."""
+query preparation, the HTML page, ranking completion, argument parsing."""
 from __future__ import annotations
 
 import json
@@ -9,13 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asmk_index.codebook import Codebook
 from retrieval.config import AsmkConfig, CodebookConfig, SystemConfig
 from retrieval.demo_collection import make_demo_collection, make_view
 from retrieval.evaluation import _full_ranking, is_ukbench_layout
 from retrieval.html import HtmlResult, render_results_page, write_results_page
-from retrieval.matching import match_local_features
-from mda.extract import LocalFeatures
 from retrieval.searcher import prepare_query_image
 
 
@@ -119,53 +116,20 @@ def test_prepare_query_crops_in_original_pixels_then_downscales(tmp_path):
         prepare_query_image(array, max_size=100, bbox=(700, 0, 800, 10))
 
 
-# ----------------------------------------------------------------------------- matching
-def _features(descriptors, rng):
-    n = descriptors.shape[0]
-    return LocalFeatures(descriptors=descriptors.astype(np.float32),
-                         attention=np.ones(n, np.float32), head=np.zeros(n, np.int16),
-                         x=rng.uniform(0, 100, n).astype(np.float32),
-                         y=rng.uniform(0, 80, n).astype(np.float32),
-                         scale=np.ones(n, np.float32), image_size=(80, 100))
-
-
-def test_matches_are_features_sharing_a_selective_word():
-    rng = np.random.default_rng(0)
-    training = rng.standard_normal((2000, 16)).astype(np.float32)
-    training /= np.linalg.norm(training, axis=1, keepdims=True)
-    codebook = Codebook.train(training, 8, seed=0)
-    base = training[:60]
-    query = _features(base, rng)
-    same = _features(base + 0.01 * rng.standard_normal(base.shape).astype(np.float32), rng)
-    matches = match_local_features(query, same, codebook, asmk=AsmkConfig(), pairs_per_word=1)
-    assert len(matches) > 0
-    assert np.all(matches.selectivity > 0)
-    query_words = codebook.quantize(base, 5)
-    result_words = codebook.quantize(same.descriptors, 1)[:, 0]
-    for i, j, word in zip(matches.query_index, matches.result_index, matches.word):
-        assert word in query_words[i] and result_words[j] == word
-    # the best pair of a word is the near-duplicate of the query feature
-    assert np.mean(matches.query_index == matches.result_index) > 0.8
-    points = matches.points(query, same)
-    assert points.shape == (len(matches), 4)
-    assert np.allclose(points[:, 0], query.x[matches.query_index])
-    empty = match_local_features(query, _features(np.zeros((0, 16)), rng), codebook)
-    assert len(empty) == 0
-
-
 # ----------------------------------------------------------------------------- HTML
-def test_html_page_is_self_contained_with_lines_per_match(tmp_path):
+def test_html_page_is_self_contained_with_a_line_per_inlier(tmp_path):
     rng = np.random.default_rng(0)
     query = rng.integers(0, 255, (120, 160, 3), np.uint8)
     results = [HtmlResult(rank=1, name="a <b>.jpg", image=query, score=0.5, global_score=0.9,
-                          asmk_score=0.5,
-                          matches=np.array([[10, 10, 20, 20], [50, 60, 70, 80]], np.float32),
-                          words=np.array([3, 4])),
+                          asmk_score=0.5, inliers=2,
+                          matches=np.array([[10, 10, 20, 20], [50, 60, 70, 80]], np.float32)),
                HtmlResult(rank=2, name="c.jpg", image=query[:60], score=0.1, global_score=0.2,
-                          asmk_score=float("nan"))]
+                          asmk_score=float("nan"), inliers=0),
+               HtmlResult(rank=3, name="d.jpg", image=query, score=0.0)]
     page = render_results_page([("q.jpg", query, results)], title="T")
-    assert page.count("data:image/jpeg;base64,") == 1 + 2 * 2
+    assert page.count("data:image/jpeg;base64,") == 1 + 2 * 3
     assert page.count("<line ") == 2
+    assert ">2<" in page and ">rejected<" in page and ">not verified<" in page
     assert "a &lt;b&gt;.jpg" in page and "http" not in page.replace("http://www.w3.org", "")
     assert re.search(r">0\.9000<", page) and re.search(r">-<", page)  # NaN shown as '-'
     path = write_results_page(tmp_path / "sub" / "page.html", [("q.jpg", query, results)])

@@ -122,13 +122,15 @@ def _variant_options(name: str, settings) -> dict:
 def evaluate_index(dataset: str | os.PathLike, index: str | os.PathLike | Searcher, *,
                    variants: Sequence[str] = tuple(VARIANTS), shortlist: int | None = None,
                    max_queries: int | None = None, queries: str = "all",
-                   progress: bool = True) -> dict:
+                   progress: bool = True, prepared: dict | None = None) -> dict:
     """Evaluate ``index`` (built from ``dataset/jpg``) on the dataset's queries, every variant.
 
     Returns ``{"dataset", "n_database", "n_queries", "queries", "shortlist", "verify_top",
     "modes": {variant: {"mAP": {easy, medium, hard}, "mP@k": {...}, "ns_score"}}, "latency_ms":
     {variant: {extraction, stage1, stage2, stage3, total}} (medians), "index_bytes_per_image",
-    "index_bytes", "memory_bytes_per_image"}``.
+    "index_bytes", "memory_bytes_per_image"}``. ``prepared``: a dict that keeps every query's
+    features between calls (query index -> features), so several settings of one index are
+    evaluated with one extraction per query.
     """
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -153,14 +155,15 @@ def evaluate_index(dataset: str | os.PathLike, index: str | os.PathLike | Search
     chosen = [q for q in range(len(data.qimlist))
               if queries == "all" or objects[q] % 2 == (0 if queries == "even" else 1)]
     chosen = chosen[:max_queries] if max_queries is not None else chosen
-    prepared = []
-    iterator = chosen
+    cache = prepared if prepared is not None else {}
+    iterator = [q for q in chosen if q not in cache]
     if progress:
         from tqdm import tqdm
-        iterator = tqdm(chosen, desc="query features", unit="query", dynamic_ncols=True)
+        iterator = tqdm(iterator, desc="query features", unit="query", dynamic_ncols=True)
     for query_index in iterator:
-        prepared.append(searcher.prepare(data.image_path(data.qimlist[query_index]),
-                                         bbox=data.query_bbox(query_index), label=data.qimlist[query_index]))
+        cache[query_index] = searcher.prepare(data.image_path(data.qimlist[query_index]),
+                                              bbox=data.query_bbox(query_index), label=data.qimlist[query_index])
+    prepared = [cache[q] for q in chosen]
     rankings = {name: [] for name in variants}
     stage_times = {name: {"stage1": [], "stage2": [], "stage3": []} for name in variants}
     global_index = searcher.index.two_stage.global_index

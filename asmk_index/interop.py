@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
 
 from .codebook import Codebook
+from .safe_pickle import UnsafePickleError, load_restricted
 
 ASMK_CODEBOOK_TYPE = "Codebook"
 
@@ -16,6 +16,9 @@ def codebook_from_asmk_state(state) -> Codebook:
     """Our :class:`Codebook` from an ``asmk`` ``Codebook.state_dict()`` or its pickle file path.
 
     The state is ``{"type": "Codebook", "params": {"size": K}, "state": {"centroids": (K, D)}}``.
+    A file is read with a restricted unpickler (plain containers and numpy arrays only, see
+    :mod:`asmk_index.safe_pickle`): a pickle that asks for anything else raises
+    :class:`~asmk_index.safe_pickle.UnsafePickleError` and runs nothing.
     Raises ValueError (FileNotFoundError for a missing file) naming what is wrong.
     """
     source = "asmk codebook state"
@@ -25,10 +28,10 @@ def codebook_from_asmk_state(state) -> Codebook:
         if not path.is_file():
             raise FileNotFoundError(f"no asmk codebook file at {path}")
         try:
-            with open(path, "rb") as handle:
-                state = pickle.load(handle)
-        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
-                ValueError) as error:
+            state = load_restricted(path)
+        except UnsafePickleError:
+            raise
+        except ValueError as error:
             raise ValueError(f"{path}: not a readable asmk codebook pickle ({error})") from error
     if not isinstance(state, dict):
         raise ValueError(f"{source}: expected a dict state_dict, got {type(state).__name__}")

@@ -10,14 +10,18 @@ A truncated or non-image file is always an error, never a silently half-decoded 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
+import io
 import logging
 import math
 import os
+import stat
 import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +50,19 @@ DEFAULT_LIMITS = ImageLoadLimits()
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
 )
+# Image-like extensions that Pillow decodes only in some builds or with a plugin: each is listed when
+# the installed Pillow decodes it (see supported_image_extensions) and named in the scan's skipped
+# list otherwise, with the reason. Camera raw formats need a raw developer, never Pillow.
+OPTIONAL_IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".heic", ".heif", ".avif", ".avifs", ".jxl", ".jp2", ".j2k", ".jpx", ".jpf", ".psd", ".jpe"}
+)
+RAW_IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".raw", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".dng", ".orf", ".rw2",
+     ".raf", ".pef", ".srw", ".x3f", ".3fr", ".erf", ".kdc", ".mrw", ".iiq", ".rwl"}
+)
+OTHER_IMAGE_LIKE_EXTENSIONS: frozenset[str] = frozenset({".svg", ".exr", ".hdr"})
+_LOGGED_SKIPS = 10   # skipped files named in list_images' warning
+_PROBE_SIZE = 8      # side of the tiny picture encoded and decoded to test a Pillow format
 
 _WHITE = (255, 255, 255)
 
@@ -78,6 +95,59 @@ def _strict_pil_settings():
             _pixel_limit_users -= 1
             if _pixel_limit_users == 0:
                 Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = _saved_pil_settings
+
+
+@functools.lru_cache(maxsize=None)
+def _register_optional_plugins() -> None:
+    """Register Pillow plugins that are installed but not built in (``pillow-heif`` for HEIC/HEIF);
+    once per process (DataLoader workers started by spawn register their own)."""
+    try:
+        import pillow_heif  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    pillow_heif.register_heif_opener()
+
+
+@functools.lru_cache(maxsize=None)
+def _pillow_decodes(extension: str) -> bool:
+    """Whether the installed Pillow opens files with ``extension``: the format must be registered
+    with an opener, and (where Pillow can also write it) a tiny picture must survive an encode and
+    decode round trip, which catches formats whose codec library is missing from this build."""
+    _register_optional_plugins()
+    Image.init()
+    image_format = Image.registered_extensions().get(extension)
+    if image_format is None or image_format not in Image.OPEN:
+        return False
+    if image_format not in Image.SAVE:
+        return True
+    buffer = io.BytesIO()
+    try:
+        Image.new("RGB", (_PROBE_SIZE, _PROBE_SIZE), (200, 40, 90)).save(buffer, format=image_format)
+        buffer.seek(0)
+        with Image.open(buffer) as decoded:
+            decoded.load()
+            return decoded.size == (_PROBE_SIZE, _PROBE_SIZE)
+    except Exception:  # noqa: BLE001 - any failure means this build cannot round-trip the format
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def supported_image_extensions() -> frozenset[str]:
+    """Extensions :func:`scan_images` lists: :data:`IMAGE_EXTENSIONS` plus each of
+    :data:`OPTIONAL_IMAGE_EXTENSIONS` that the installed Pillow (and its plugins) decodes."""
+    return IMAGE_EXTENSIONS | frozenset(e for e in OPTIONAL_IMAGE_EXTENSIONS if _pillow_decodes(e))
+
+
+def _unsupported_reason(extension: str) -> str | None:
+    """Why a file with this image-like extension is not indexed, or None (not image-like)."""
+    if extension in RAW_IMAGE_EXTENSIONS:
+        return (f"unsupported image format ({extension}: camera raw); convert it to JPEG, PNG or "
+                f"TIFF")
+    if extension in OPTIONAL_IMAGE_EXTENSIONS | OTHER_IMAGE_LIKE_EXTENSIONS:
+        hint = " or install pillow-heif" if extension in (".heic", ".heif") else ""
+        return (f"unsupported image format ({extension}: the installed Pillow cannot decode it); "
+                f"convert it to JPEG or PNG{hint}")
+    return None
 
 
 class ImageLoadError(ValueError):
@@ -149,22 +219,39 @@ def load_image(
         limits: decompression-bomb limit (see :class:`ImageLoadLimits`).
 
     Raises:
-        ImageLoadError: missing/empty/non-image/truncated/corrupt file, or an image over the limit.
+        ImageLoadError: missing/empty/non-image/truncated/corrupt file, an unreadable file ("permission
+            denied" / "cannot read the file": the system refused, the data may be fine), or an image
+            over the limit.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ImageLoadError(path, "file does not exist" if not path.exists() else "not a regular file")
-    if path.stat().st_size == 0:
+    _register_optional_plugins()
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        reason = "dangling symbolic link" if path.is_symlink() else "file does not exist"
+        raise ImageLoadError(path, reason) from None
+    except OSError as error:
+        raise ImageLoadError(path, _access_reason(error)) from None
+    if not stat.S_ISREG(status.st_mode):
+        raise ImageLoadError(path, "not a regular file" + (" (a directory)" if stat.S_ISDIR(status.st_mode)
+                                                           else ""))
+    if status.st_size == 0:
         raise ImageLoadError(path, "file is empty (0 bytes)")
     try:
-        with _strict_pil_settings():
-            with Image.open(path) as img:
+        handle = open(path, "rb")
+    except OSError as error:
+        raise ImageLoadError(path, _access_reason(error)) from None
+    try:
+        with handle, _strict_pil_settings():
+            with Image.open(handle) as img:
                 image = _decode(img, path, max_size, limits)
     except ImageLoadError:
         raise
     except Image.UnidentifiedImageError:
         raise ImageLoadError(path, "not a recognised image format (corrupt or not an image file)") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+        if isinstance(error, OSError) and error.errno is not None:    # the system, not the decoder
+            raise ImageLoadError(path, _access_reason(error)) from None
         reason = str(error) or type(error).__name__
         if "truncated" in reason.lower() or isinstance(error, EOFError):
             reason = f"truncated or incomplete image data ({reason})"
@@ -183,6 +270,15 @@ def load_image(
                      array.shape[0], min_size)
         array = resize_short_side(array, min_size)
     return np.ascontiguousarray(array)
+
+
+def _access_reason(error: OSError) -> str:
+    """The reason a file could not be opened or read (permissions, I/O), never "corrupt"."""
+    if isinstance(error, PermissionError):
+        return f"permission denied (cannot read the file: {error.strerror or error})"
+    if error.errno == errno.ELOOP:
+        return "symbolic link loop"
+    return f"cannot read the file ({error.strerror or error})"
 
 
 def _decode(img: Image.Image, path: Path, max_size: int | None, limits: ImageLoadLimits) -> Image.Image:
@@ -212,19 +308,100 @@ def _decode(img: Image.Image, path: Path, max_size: int | None, limits: ImageLoa
     return rgb
 
 
-def list_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
-    """Sorted image files under ``folder`` (extensions in :data:`IMAGE_EXTENSIONS`, any case).
+class ImageScan(NamedTuple):
+    """What :func:`scan_images` found: ``paths`` (sorted image files, under the folder, symbolic links
+    not resolved) and ``skipped`` (sorted ``(path, reason)``: image-like files that cannot be decoded,
+    dangling links, link loops, folders that cannot be listed)."""
 
-    Hidden files (names starting with '.') are skipped. Raises FileNotFoundError for a missing folder.
+    paths: list[Path]
+    skipped: list[tuple[Path, str]]
+
+
+def scan_images(folder: str | os.PathLike, *, recursive: bool = True) -> ImageScan:
+    """Image files under ``folder`` and what was left out, with the reason.
+
+    Listed: files whose extension (any case) is in :func:`supported_image_extensions`. Symbolic links
+    to files and to folders are followed (their paths stay under ``folder``). Skipped and reported:
+    files with an image-like extension the installed Pillow cannot decode (``.heic`` without
+    pillow-heif, camera raw ``.cr2``/``.nef``/``.dng``...), dangling links, links that loop (to a
+    folder being scanned, or to themselves), a second link to a folder already scanned, folders
+    that cannot be listed, non-regular files with an image extension (broken links are reported
+    when their name has an image-like extension or none). Hidden files and folders (names starting
+    with '.') and other extensions are left out silently. Raises FileNotFoundError for a missing
+    folder.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder does not exist or is not a directory: {folder}")
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(
-        p for p in candidates
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
-    )
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder does not exist or is not a directory: {root}")
+    extensions = supported_image_extensions()
+    paths: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    root_status = root.stat()
+    scanned: dict[tuple[int, int], Path] = {(root_status.st_dev, root_status.st_ino): root}
+    # depth-first, each entry: (folder, identities of the folders above it and itself)
+    pending: list[tuple[Path, tuple[tuple[int, int], ...]]] = [
+        (root, ((root_status.st_dev, root_status.st_ino),))]
+    while pending:
+        directory, ancestors = pending.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        except OSError as error:
+            skipped.append((directory, f"cannot list the folder ({_access_reason(error)})"))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = directory / entry.name
+            link = entry.is_symlink()
+            try:
+                status = os.stat(entry.path)            # follows links
+            except OSError as error:
+                # a broken link is reported when it could have been an image or a folder
+                extension = os.path.splitext(entry.name)[1].lower()
+                if not (extension in extensions or extension == "" or _unsupported_reason(extension)):
+                    continue
+                if isinstance(error, FileNotFoundError):
+                    if link:
+                        skipped.append((path, f"dangling symbolic link (to {os.readlink(entry.path)})"))
+                else:
+                    skipped.append((path, _access_reason(error)))
+                continue
+            if stat.S_ISDIR(status.st_mode):
+                if not recursive:
+                    continue
+                identity = (status.st_dev, status.st_ino)
+                if identity in ancestors:
+                    skipped.append((path, f"symbolic link loop (leads back to "
+                                          f"{scanned.get(identity, directory)})"))
+                elif identity in scanned:
+                    skipped.append((path, f"the same folder as {scanned[identity]} (already scanned)"))
+                else:
+                    scanned[identity] = path
+                    pending.append((path, ancestors + (identity,)))
+                continue
+            extension = os.path.splitext(entry.name)[1].lower()
+            if extension in extensions:
+                if stat.S_ISREG(status.st_mode):
+                    paths.append(path)
+                else:
+                    skipped.append((path, "not a regular file"))
+                continue
+            reason = _unsupported_reason(extension)
+            if reason is not None:
+                skipped.append((path, reason))
+    return ImageScan(sorted(paths), sorted(skipped))
+
+
+def list_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+    """Sorted image files under ``folder``: :func:`scan_images`'s paths (what it skipped is logged
+    as one warning; call :func:`scan_images` to report it). Raises FileNotFoundError for a missing
+    folder."""
+    paths, skipped = scan_images(folder, recursive=recursive)
+    if skipped:
+        shown = "; ".join(f"{path}: {reason}" for path, reason in skipped[:_LOGGED_SKIPS])
+        more = f" (and {len(skipped) - _LOGGED_SKIPS} more)" if len(skipped) > _LOGGED_SKIPS else ""
+        logger.warning("%s: %d file(s) not listed as images: %s%s", folder, len(skipped), shown, more)
+    return paths
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -268,23 +445,46 @@ def resize_short_side(image: np.ndarray, min_size: int) -> np.ndarray:
     return _resize_array(image, max(min_size, round(width * scale)), max(min_size, round(height * scale)))
 
 
-def crop_to_box(image: np.ndarray, bbox: Sequence[float] | None) -> np.ndarray:
+def _check_bbox(bbox: object, source: str) -> tuple[float, float, float, float]:
+    """``bbox`` as four finite floats with x0 < x1 and y0 < y1, or ValueError saying what is wrong."""
+    where = f"{source}: " if source else ""
+    try:
+        values = [float(v) for v in bbox]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}bbox {bbox!r} must be 4 numbers (x0, y0, x1, y1)") from None
+    if len(values) != 4:
+        raise ValueError(f"{where}bbox {bbox!r} must be 4 numbers (x0, y0, x1, y1), got {len(values)}")
+    bad = [f"{axis}={value}" for axis, value in zip(("x0", "y0", "x1", "y1"), values)
+           if not math.isfinite(value)]
+    if bad:
+        raise ValueError(f"{where}bbox {tuple(values)} has non-finite coordinates ({', '.join(bad)})")
+    x0, y0, x1, y1 = values
+    inverted = [f"{high} ({b:g}) <= {low} ({a:g})" for low, high, a, b in (("x0", "x1", x0, x1),
+                                                                           ("y0", "y1", y0, y1)) if b <= a]
+    if inverted:
+        raise ValueError(f"{where}bbox {tuple(values)} is inverted or empty: {', '.join(inverted)} "
+                         f"(expected x0 < x1 and y0 < y1)")
+    return x0, y0, x1, y1
+
+
+def crop_to_box(image: np.ndarray, bbox: Sequence[float] | None, *, source: str = "") -> np.ndarray:
     """Crop ``(H, W, C)`` to ``bbox = (x0, y0, x1, y1)`` in pixels (revisitop query boxes).
 
     Coordinates are clipped to the image; fractional values are floored/ceiled outward.
-    ``None`` returns the whole image. An empty box after clipping raises ValueError.
+    ``None`` returns the whole image. A box with other than 4 values, a NaN/inf coordinate, an
+    inverted box (x1 <= x0 or y1 <= y0) or one outside the image raises ValueError naming the box
+    and what is wrong (prefixed by ``source``, e.g. the image path, when given).
     """
     if bbox is None:
         return image
-    if len(bbox) != 4:
-        raise ValueError(f"bbox must be (x0, y0, x1, y1), got {bbox!r}")
+    x0, y0, x1, y1 = _check_bbox(bbox, source)
     height, width = image.shape[:2]
-    x0, y0, x1, y1 = (float(v) for v in bbox)
-    x0, y0 = max(0, math.floor(x0)), max(0, math.floor(y0))
-    x1, y1 = min(width, math.ceil(x1)), min(height, math.ceil(y1))
-    if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"bbox {tuple(bbox)} is empty inside a {width}x{height} image")
-    return image[y0:y1, x0:x1]
+    left, top = max(0, math.floor(x0)), max(0, math.floor(y0))
+    right, bottom = min(width, math.ceil(x1)), min(height, math.ceil(y1))
+    if right <= left or bottom <= top:
+        where = f"{source}: " if source else ""
+        raise ValueError(f"{where}bbox {(x0, y0, x1, y1)} lies outside the {width}x{height} image")
+    return image[top:bottom, left:right]
 
 
 def resize_tensor(images: torch.Tensor, scale: float) -> torch.Tensor:

@@ -16,12 +16,13 @@ from that setting's averages.
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from asmk_index.safe_pickle import load_restricted
 
 PROTOCOL_SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # setting: (positive keys, ignored keys)
@@ -81,8 +82,12 @@ class RevisitopDataset:
 def load_revisitop(root: str | os.PathLike, name: str | None = None) -> RevisitopDataset:
     """Read ``root/gnd_NAME.pkl``. ``name`` defaults to the single gnd file found in ``root``.
 
+    The pickle is read with a restricted unpickler (plain containers and numpy arrays only, see
+    :mod:`asmk_index.safe_pickle`): a file that asks for any other global raises
+    ``UnsafePickleError`` (a ValueError naming the file and the global) and runs nothing.
+
     Raises FileNotFoundError when no (or no such) gnd file exists, ValueError when several exist and
-    no name is given or the pickle lacks the required keys.
+    no name is given, the file is not a readable pickle or lacks the required keys.
     """
     root = Path(root)
     if name is None:
@@ -97,8 +102,9 @@ def load_revisitop(root: str | os.PathLike, name: str | None = None) -> Revisito
         gnd_path = root / f"gnd_{name}.pkl"
         if not gnd_path.is_file():
             raise FileNotFoundError(f"ground-truth file not found: {gnd_path}")
-    with open(gnd_path, "rb") as handle:
-        cfg = pickle.load(handle)
+    cfg = load_restricted(gnd_path, encoding="latin1")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{gnd_path}: expected a dict with imlist, qimlist, gnd; got {type(cfg).__name__}")
     missing = [k for k in ("imlist", "qimlist", "gnd") if k not in cfg]
     if missing:
         raise ValueError(f"{gnd_path} lacks keys {missing} (revisitop layout needs imlist, qimlist, gnd)")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,8 @@ from asmk_index.persistence import atomic_file
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2   # 2: RNG states, config and train state in weights_only-safe types
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")   # how torch names a global it refused
 
 
 @dataclass
@@ -48,21 +51,65 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG state (python, numpy, torch CPU, all CUDA devices)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state (python, numpy, torch CPU, all CUDA devices), in types that
+    ``torch.load(weights_only=True)`` reads: tuples of ints, plain dicts and tensors."""
+    numpy_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"bit_generator": numpy_state["bit_generator"],
+                  "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                  "pos": int(numpy_state["state"]["pos"]),
+                  "has_gauss": int(numpy_state["has_gauss"]), "gauss": float(numpy_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _numpy_state(state: Any) -> Any:
+    """numpy's legacy RNG state from :func:`rng_state`'s dict (or a ``np.random.get_state()`` tuple)."""
+    if not isinstance(state, dict):
+        return state
+    key = state["key"]
+    key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    return (state["bit_generator"], key.astype(np.uint32), int(state["pos"]), int(state["has_gauss"]),
+            float(state["gauss"]))
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what :func:`rng_state` returned."""
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    np.random.set_state(_numpy_state(state["numpy"]))
     torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` with numpy scalars/arrays and paths made plain (ints, floats, str, tensors), so
+    ``torch.load(weights_only=True)`` reads it back; anything else raises TypeError naming ``where``."""
+    if isinstance(value, np.generic):              # before the plain types: np.float64 is a float
+        return value.item()
+    if isinstance(value, _PLAIN_SCALARS) or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {_plain(k, f"{where} key"): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(f"checkpoint {where} holds a {type(value).__name__}; store plain values (numbers, "
+                    f"strings, lists, dicts, tensors) so the checkpoint loads without running code")
 
 
 def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, state: TrainState,
@@ -71,6 +118,8 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, state: TrainSt
     """Atomically write a checkpoint (temp file in the same folder + os.replace). Returns the path.
 
     ``config``: JSON-able model/training configuration stored alongside (for rebuilding the model).
+    Everything is stored in types that ``torch.load(weights_only=True)`` reads (numpy scalars and
+    paths in ``config`` / ``state.extra`` become plain values; other objects raise TypeError).
     Only call on the main process under DDP (see :func:`is_main_process`).
     """
     path = Path(path)
@@ -81,9 +130,9 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, state: TrainSt
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "train_state": asdict(state),
+        "train_state": _plain(asdict(state), "train state"),
         "rng": rng_state(),
-        "config": config,
+        "config": _plain(config, "config"),
     }
     with atomic_file(path) as temporary:
         torch.save(payload, temporary)
@@ -96,6 +145,10 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
                     restore_rng: bool = True, strict: bool = True) -> tuple[TrainState, dict[str, Any]]:
     """Restore what :func:`save_checkpoint` wrote into the given objects.
 
+    The file is read with ``torch.load(weights_only=True)``: tensors and plain containers only, so
+    a checkpoint that holds any other object (one written before format version 2, or a crafted
+    file) is refused with a ValueError naming the object, and no code in it runs.
+
     Returns ``(TrainState, checkpoint dict)`` (the dict also holds 'config'). Raises
     FileNotFoundError for a missing file and ValueError for a file that is not our checkpoint.
     """
@@ -103,11 +156,23 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = _UNSAFE_GLOBAL.search(str(error))
+        what = f"the object {refused.group(1)}" if refused else "an object"
+        raise ValueError(
+            f"{path}: refused to load the checkpoint: it holds {what}, which only a full unpickle "
+            f"(that can run code) would read. Checkpoints written by save_checkpoint since format "
+            f"version {CHECKPOINT_FORMAT_VERSION} hold tensors and plain values only; an older "
+            f"checkpoint cannot be resumed safely: start the run again in a new directory") from None
     except Exception as error:
         raise ValueError(f"cannot read checkpoint {path}: {error}") from None
     if not isinstance(checkpoint, dict) or "train_state" not in checkpoint or "model" not in checkpoint:
         raise ValueError(f"{path} is not a training checkpoint written by save_checkpoint")
+    version = checkpoint.get("format_version")
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format version {version}, this code reads "
+                         f"{CHECKPOINT_FORMAT_VERSION}; start the run again in a new directory")
     if model is not None:
         unwrap_model(model).load_state_dict(checkpoint["model"], strict=strict)
     for target, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
@@ -160,16 +225,19 @@ def setup_distributed(backend: str | None = None, *, device: str | torch.device 
     """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
     backend: None = nccl when CUDA is available, else gloo. Without WORLD_SIZE > 1 (plain python),
-    nothing is initialised and a single-process :class:`DistributedInfo` is returned. On GPU the
-    process uses ``cuda:LOCAL_RANK``.
+    nothing is initialised and a single-process :class:`DistributedInfo` is returned.
+    device: None or "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N"
+    (:func:`imagedata.extraction.resolve_device`: a GPU asked for and missing is a ValueError); a
+    plain "cuda" is ``cuda:LOCAL_RANK``, one GPU per process.
     """
+    from .extraction import resolve_device
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
-    if device is None:
-        device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-    device = torch.device(device)
+    device = resolve_device(device)
+    if device.type == "cuda" and device.index is None:
+        device = resolve_device(f"cuda:{local_rank}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size <= 1:

@@ -176,3 +176,113 @@ def test_image_pyramid():
     assert torch.allclose(resize_tensor(constant, 2.0), torch.full((1, 3, 18, 18), 0.25))
     with pytest.raises(ValueError):
         resize_tensor(images[0], 0.5)
+
+
+# ---------------------------------------------------------------- scanning folders -------
+def _write_png(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_gradient(20, 16)).save(path)
+    return path
+
+
+def test_scan_follows_links_and_reports_what_it_skips(tmp_path: Path):
+    from imagedata.images import scan_images
+
+    root, outside = tmp_path / "photos", tmp_path / "elsewhere"
+    _write_png(root / "a.png")
+    _write_png(outside / "album" / "b.png")
+    _write_png(outside / "single.png")
+    (root / "album").symlink_to(outside / "album", target_is_directory=True)  # linked folder
+    (root / "linked.png").symlink_to(outside / "single.png")                   # linked file
+    (root / "album2").symlink_to(outside / "album", target_is_directory=True)  # the same again
+    (root / "sub").mkdir()
+    (root / "sub" / "up").symlink_to(root, target_is_directory=True)           # a loop
+    (root / "self.jpg").symlink_to(root / "self.jpg")                          # a link to itself
+    (root / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")                   # dangling
+    (root / "gone.txt").symlink_to(tmp_path / "deleted.txt")                   # not image-like
+    for name in ["IMG_0001.HEIC", "shot.heif", "raw.CR2", "raw.nef", "raw.dng", "art.jxl",
+                 "notes.txt", ".hidden.png"]:
+        (root / name).write_bytes(b"x")
+
+    paths, skipped = scan_images(root)
+    assert [p.relative_to(root).as_posix() for p in paths] == ["a.png", "album/b.png", "linked.png"]
+    assert all(str(p).startswith(str(root)) for p in paths)          # links are not resolved
+    reasons = {p.relative_to(root).as_posix(): reason for p, reason in skipped}
+    assert sorted(reasons) == ["IMG_0001.HEIC", "album2", "art.jxl", "gone.jpg", "raw.CR2",
+                               "raw.dng", "raw.nef", "self.jpg", "shot.heif", "sub/up"]
+    assert "unsupported image format (.heic" in reasons["IMG_0001.HEIC"]
+    assert "pillow-heif" in reasons["IMG_0001.HEIC"]
+    assert "camera raw" in reasons["raw.CR2"] and "camera raw" in reasons["raw.dng"]
+    assert reasons["sub/up"].startswith("symbolic link loop")
+    assert reasons["self.jpg"] == "symbolic link loop"
+    assert reasons["gone.jpg"].startswith("dangling symbolic link")
+    assert "already scanned" in reasons["album2"]
+    from imagedata.images import list_images
+
+    assert list_images(root) == paths                               # the same list, still working
+    assert [p.name for p in scan_images(root, recursive=False).paths] == ["a.png", "linked.png"]
+
+
+def test_scan_lists_the_formats_this_pillow_decodes(tmp_path: Path):
+    """AVIF and JPEG 2000 are listed when the installed Pillow decodes them (and load), else
+    reported as unsupported."""
+    from PIL import features
+
+    from imagedata.images import scan_images, supported_image_extensions
+
+    for extension, feature in [(".avif", "avif"), (".jp2", "jpg_2000")]:
+        if features.check(feature):
+            Image.fromarray(_gradient(24, 16)).save(tmp_path / f"photo{extension}")
+        else:
+            (tmp_path / f"photo{extension}").write_bytes(b"x")
+    paths, skipped = scan_images(tmp_path)
+    listed = {p.suffix for p in paths}
+    assert listed | {p.suffix for p, _ in skipped} == {".avif", ".jp2"}
+    assert (".avif" in listed) == features.check("avif") == (".avif" in supported_image_extensions())
+    assert (".jp2" in listed) == features.check("jpg_2000")
+    for path in paths:
+        assert load_image(path).shape == (16, 24, 3)
+
+
+# ---------------------------------------------------------------- clear reasons -------
+@pytest.mark.parametrize("bbox, expected", [
+    ((float("nan"), 0, 10, 10), "non-finite coordinates (x0=nan)"),
+    ((0, 0, float("inf"), 10), "non-finite coordinates (x1=inf)"),
+    ((0, 0, 10), "must be 4 numbers (x0, y0, x1, y1), got 3"),
+    ((0, 0, "ten", 10), "must be 4 numbers"),
+    ((10, 0, 5, 10), "inverted or empty: x1 (5) <= x0 (10)"),
+    ((0, 8, 10, 8), "inverted or empty: y1 (8) <= y0 (8)"),
+    ((50, 0, 60, 10), "lies outside the 40x20 image"),
+])
+def test_crop_to_box_says_which_box_and_what_is_wrong(bbox, expected):
+    with pytest.raises(ValueError) as error:
+        crop_to_box(_gradient(40, 20), bbox, source="query.jpg")
+    message = str(error.value)
+    assert expected in message and message.startswith("query.jpg: bbox ")
+    assert "cannot convert" not in message
+
+
+def test_unreadable_file_is_not_called_corrupt(tmp_path: Path, monkeypatch):
+    """Tests run as root (chmod 000 does not stop root), so the refusal is simulated at open()."""
+    import builtins
+
+    path = tmp_path / "locked.jpg"
+    Image.fromarray(_gradient(32, 32)).save(path)
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with pytest.raises(ImageLoadError) as error:
+        load_image(path)
+    assert "permission denied" in str(error.value) and "corrupt" not in str(error.value)
+    monkeypatch.setattr(builtins, "open", real_open)
+    with pytest.raises(ImageLoadError, match="not a regular file"):
+        load_image(tmp_path)                                   # a directory
+    loop = tmp_path / "loop.jpg"
+    loop.symlink_to(loop)
+    with pytest.raises(ImageLoadError, match="symbolic link loop"):
+        load_image(loop)

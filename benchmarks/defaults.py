@@ -92,7 +92,7 @@ def shared_model(out: Path, datasets: list[str]) -> Path:
         config = SystemConfig().updated(BASE)
         photos = []
         for name in datasets:
-            paths, _ = collect_images(DATA / name / "jpg")
+            paths = collect_images(DATA / name / "jpg").paths
             photos += sample_fit_images(paths, MODEL_FIT_IMAGES, config.extraction.max_size, seed=0)
         new_fitted_network(config, photos).save(path)
     return path
@@ -102,7 +102,7 @@ def extraction_ms(config: SystemConfig, model: Path, dataset: str) -> float:
     """Median milliseconds to extract one photo's features (the query path) at these settings."""
     from retrieval.network import RetrievalNet
     net = prepare_network(RetrievalNet.load(model), config.extraction)
-    paths, _ = collect_images(DATA / dataset / "jpg")
+    paths = collect_images(DATA / dataset / "jpg").paths
     images = [load_image(path, max_size=config.extraction.max_size) for path in paths[:EXTRACTION_SAMPLE + 1]]
     seconds = []
     for image in images:

@@ -10,7 +10,7 @@ REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 if str(REPOSITORY_ROOT) not in sys.path:  # running `python pipelines/x.py` without installing
     sys.path.insert(0, str(REPOSITORY_ROOT))
 
-from retrieval.config import SystemConfig  # noqa: E402
+from retrieval.config import PRESETS, SystemConfig  # noqa: E402
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -24,8 +24,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, extraction: bool = 
     """--device, --no-progress, --verbose and, with ``extraction``, --config and its overrides
     (an index always uses the config stored with its codebook directory)."""
     if extraction:
-        parser.add_argument("--config", type=Path, help="YAML file with SystemConfig values "
-                            "(only the keys to change; see retrieval/config.py)")
+        parser.add_argument("--config", help="YAML file with SystemConfig values (only the keys "
+                            "to change; see retrieval/config.py), or a preset: "
+                            + ", ".join(PRESETS))
     parser.add_argument("--device", type=device_argument,
                         help="auto | cpu | cuda | cuda:N: where the model runs (default: the config's, "
                         "auto = a GPU when there is one)")

@@ -88,7 +88,8 @@ def build_codebook(images: str | os.PathLike, output: str | os.PathLike, *,
     ``min_descriptors_per_word`` with a :class:`SmallCollectionWarning`.
     """
     config = config or SystemConfig()
-    paths, names = collect_images(images)
+    collected = collect_images(images)
+    paths, names = collected.paths, collected.names
     settings = config.codebook
     model = model if model is not None else config.model
     if model is not None:
@@ -99,6 +100,7 @@ def build_codebook(images: str | os.PathLike, output: str | os.PathLike, *,
         del fit_images
     store = bundle.feature_store(feature_store if feature_store is not None else default_store_root(output))
     good, features, failures, run = collection_features(store, bundle, paths, names, progress=progress)
+    failures.update(collected.skipped)
     descriptors = features.local_descriptors
     rng = np.random.default_rng(settings.seed)
     if descriptors.shape[0] > settings.max_training_descriptors:
@@ -182,13 +184,15 @@ def build_index(output: str | os.PathLike, *, images: str | os.PathLike | None =
     report = IndexReport(path=str(output), images=0)
     new_names, features = [], None
     if images is not None:
-        paths, names = collect_images(images)
+        collected = collect_images(images)
+        paths, names = collected.paths, collected.names
         todo = [(path, name) for path, name in zip(paths, names) if name not in indexed]
         store = models.feature_store(feature_store if feature_store is not None
                                      else default_store_root(codebook_dir))
         new_names, features, report.failures, run = collection_features(
             store, models, [p for p, _ in todo], [n for _, n in todo], progress=progress)
         report.extracted, report.reused = run.extracted, run.already_stored
+        report.failures.update(collected.skipped)
         if report.failures:
             logger.warning("%d image(s) could not be indexed: %s", len(report.failures),
                            ", ".join(sorted(report.failures)[:20]))

@@ -30,6 +30,10 @@ from asmk_index.verification import VerificationConfig
 from .network import NetworkConfig
 
 PRECISIONS = ("float32", "mixed")
+PRESET_DIRECTORY = Path(__file__).resolve().parent / "presets"
+#: named configurations (YAML files of retrieval/presets/): "fast" for CPUs, "accurate" close to
+#: the papers' settings; costs and figures in the README
+PRESETS = {path.stem: path for path in sorted(PRESET_DIRECTORY.glob("*.yaml"))}
 
 
 @dataclass
@@ -255,20 +259,28 @@ class SystemConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike | None) -> "SystemConfig":
-        """Read a YAML file (partial: missing keys keep their defaults). ``None`` gives the defaults."""
+        """Read a YAML file (partial: missing keys keep their defaults), or a preset by name
+        (:data:`PRESETS`, e.g. "fast"). ``None`` gives the defaults. A file may start from a preset
+        with a top-level ``preset: NAME`` and change only some of its keys."""
         if path is None:
             return cls()
+        if str(path) in PRESETS and not Path(path).exists():
+            path = PRESETS[str(path)]
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise FileNotFoundError(f"config file not found: {path} (a YAML file, or a preset: "
+                                    f"{', '.join(PRESETS)})")
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
             raise ValueError(f"{path}: not valid YAML ({error})") from error
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of sections at the top level")
+        base = values.pop("preset", None)
+        if base is not None and base not in PRESETS:
+            raise ValueError(f"{path}: unknown preset {base!r}; presets: {', '.join(PRESETS)}")
         try:
-            config = cls.from_dict(values)
+            config = (cls.load(base) if base is not None else cls()).updated(values)
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path}: {error}") from error
         if config.model is not None:  # a model file named in a config is relative to the config
@@ -318,4 +330,4 @@ def _update(obj, values: dict, where: str):
 
 
 __all__ = ["SystemConfig", "ExtractionConfig", "CodebookConfig", "AsmkConfig", "SearchConfig", "TrainConfig",
-           "PRECISIONS", "FUSIONS"]
+           "PRECISIONS", "FUSIONS", "PRESETS"]

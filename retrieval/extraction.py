@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from filelock import FileLock
 
-from asmk_index.feature_file import FeatureFile
+from asmk_index.feature_file import CorruptFeatureFileError, FeatureFile
 from imagedata.extraction import default_num_workers, extract_to_file, resolve_device
-from imagedata.images import image_to_tensor, list_images
+from imagedata.images import image_to_tensor, scan_images
 from mda.extract import (LOCAL_FIELDS, LocalFeatures, PyramidLevel, level_factor,
                          local_features_from_levels, pyramid)
 
@@ -152,12 +152,24 @@ def image_names(root: str | os.PathLike, paths: Sequence[Path]) -> list[str]:
     return [Path(os.path.abspath(path)).relative_to(root).as_posix() for path in paths]
 
 
-def collect_images(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
+@dataclass
+class CollectedImages:
+    """The image files of a folder (symbolic links followed, not resolved), their names, and
+    what was left out: ``skipped`` {name: reason} (formats this machine cannot decode, link loops,
+    dangling links, folders that cannot be read)."""
+    paths: list[Path]
+    names: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def collect_images(folder: str | os.PathLike) -> CollectedImages:
     """All image files under ``folder`` and their names; a folder without images is an error."""
-    paths = list_images(folder)
-    if not paths:
-        raise FileNotFoundError(f"no image files (jpg, png, ...) found in {folder}")
-    return paths, image_names(folder, paths)
+    scan = scan_images(folder)
+    if not scan.paths:
+        raise FileNotFoundError(f"no image files (jpg, png, ...) found in {folder}"
+                                + (f"; skipped: {scan.skipped[0][0]}: {scan.skipped[0][1]}" if scan.skipped else ""))
+    skipped = dict(zip(image_names(folder, [path for path, _ in scan.skipped]), [r for _, r in scan.skipped]))
+    return CollectedImages(scan.paths, image_names(folder, scan.paths), skipped)
 
 
 # ---------------------------------------------------------------------- the feature store
@@ -240,6 +252,11 @@ class FeatureStore:
         net = prepare_network(net, config)
         self.directory.mkdir(parents=True, exist_ok=True)
         with FileLock(self.directory / ".lock"):  # another run on this store: wait for it
+            try:
+                FeatureFile(self.path).close() if self.path.exists() else None
+            except CorruptFeatureFileError as error:   # the whole file is unreadable: start it again
+                logger.warning("%s; deleting it and extracting the features again", error)
+                self.path.unlink()
             report = extract_to_file(
                 [path for _, path in unique], BatchExtractor(net, config), self.path, kind="local",
                 dim=net.descriptor_dim, fields=LOCAL_FIELDS,
@@ -276,6 +293,6 @@ def default_store_root(codebook_dir: str | os.PathLike) -> Path:
     return codebook_dir.parent / f".{codebook_dir.name}.features"
 
 
-__all__ = ["ImageFeatures", "CollectionFeatures", "local_geometry", "FeatureStore", "StoreRun", "extract_batch",
+__all__ = ["ImageFeatures", "CollectionFeatures", "CollectedImages", "local_geometry", "FeatureStore", "StoreRun", "extract_batch",
            "extract_image", "prepare_network", "inference", "mixed_precision_dtype", "collect_images",
            "image_names", "record_key", "default_store_root", "GLOBAL_FIELD", "FEATURES_FILE"]

@@ -123,3 +123,38 @@ def test_a_codebook_directory_missing_its_codebook_says_so(codebook, tmp_path):
     with pytest.raises(IndexFormatError, match=r"codebook\.npz: file missing"):
         build_index(tmp_path / "index", images=UKBENCH / "jpg", codebook=copy, progress=False)
     assert not (tmp_path / "index").exists()
+
+
+def test_odd_names_unreadable_formats_and_link_loops_are_named_never_fatal(codebook, tmp_path):
+    folder = tmp_path / "photos"
+    good = copy_photos(range(3), folder)
+    latin1 = os.fsdecode(b"caf\xe9.jpg")                      # not UTF-8: a surrogate-escaped name
+    shutil.copyfile(UKBENCH / "jpg" / "ukbench00005.jpg", folder / latin1)
+    (folder / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (folder / "loop").symlink_to(folder)
+    report = build_index(tmp_path / "index", images=folder, codebook=codebook, progress=False)
+    assert sorted(report.added) == sorted(good + [latin1])
+    assert "phone.heic" in report.failures and "loop" in report.failures, report.failures
+    index = RetrievalIndex.load(tmp_path / "index")
+    assert latin1 in index.names and index.image_path(latin1).is_file()
+    assert Searcher(tmp_path / "index").search(folder / latin1, k=1).hits[0].name == latin1
+    assert set(RetrievalIndex.report(tmp_path / "index")["failures"]) == {"phone.heic", "loop"}
+
+
+def test_a_damaged_feature_store_is_extracted_again_not_read(codebook, tmp_path, caplog):
+    folder = tmp_path / "photos"
+    copy_photos(range(4), folder)
+    store = tmp_path / "store"
+    build_index(tmp_path / "index", images=folder, codebook=codebook, feature_store=store, progress=False)
+    [features] = store.glob("*/features.h5")
+    import h5py
+    with h5py.File(features, "r") as handle:                  # where the first descriptors lie
+        position = handle["descriptors"].id.get_chunk_info(0).byte_offset + 4 * 128 + 7
+    data = bytearray(features.read_bytes())
+    data[position] ^= 0xFF                                    # one byte of the first image's second row
+    features.write_bytes(bytes(data))
+    report = build_index(tmp_path / "again", images=folder, codebook=codebook, feature_store=store,
+                         progress=False)
+    assert report.images == 4 and not report.failures
+    assert (report.extracted, report.reused) == (1, 3)        # the damaged image again, only it
+    assert "checksum" in caplog.text or "corrupt" in caplog.text.lower()

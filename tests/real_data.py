@@ -4,6 +4,7 @@ Under CI (CI=true) the data must be there and a missing folder fails the test; e
 real-photo tests are skipped with the reason.
 """
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,3 +20,12 @@ def require_ukbench(*, module_level: bool = False) -> Path:
         pytest.skip(f"real photos not found at {UKBENCH} (../shared beside the checkout)",
                     allow_module_level=module_level)
     return UKBENCH
+
+
+def copy_ukbench_photos(numbers, folder: Path) -> list[str]:
+    """Copy ukbench-dev photos number ``numbers`` into ``folder``; returns their file names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"ukbench{n:05d}.jpg" for n in numbers]
+    for name in names:
+        shutil.copyfile(UKBENCH / "jpg" / name, folder / name)
+    return names

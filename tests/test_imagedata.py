@@ -332,24 +332,11 @@ def _ddp_worker(rank: int, world_size: int, port: int, result_dir: str) -> None:
 
 
 def test_two_process_gloo_ddp(tmp_path: Path):
-    import socket
-
     import torch
-    import torch.multiprocessing as mp
 
-    # failed once in about ten full runs on the shared 2-core machine and never alone; the likely
-    # cause: the free port found here is released before rank 0 binds it, and another process can
-    # take it meanwhile. One retry on a fresh port; a second failure is raised.
-    for attempt in range(2):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        try:
-            mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-            break
-        except (mp.ProcessRaisedException, mp.ProcessExitedException):
-            if attempt:
-                raise
+    from processes import spawn_on_free_port
+
+    spawn_on_free_port(_ddp_worker, 2, str(tmp_path))
     results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
     assert sorted(results[0]["indices"] + results[1]["indices"]) == list(range(8))  # disjoint shards
     assert torch.equal(results[0]["weight"], results[1]["weight"])  # rank 0's weights broadcast

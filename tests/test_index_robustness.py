@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from asmk_index.persistence import IndexFormatError, current_version, publish_directory, read_arrays, write_arrays
-from real_data import UKBENCH, require_ukbench
+from real_data import UKBENCH, copy_ukbench_photos, require_ukbench
 from retrieval import Searcher
 from retrieval.builder import build_codebook, build_index
 from retrieval.config import SystemConfig
@@ -32,26 +32,18 @@ CONFIG = SystemConfig().updated({
 })
 
 
-def copy_photos(numbers, folder: Path) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    names = [f"ukbench{n:05d}.jpg" for n in numbers]
-    for name in names:
-        shutil.copyfile(UKBENCH / "jpg" / name, folder / name)
-    return names
-
-
 @pytest.fixture(scope="module")
 def codebook(tmp_path_factory):
     root = tmp_path_factory.mktemp("robust")
-    copy_photos(range(12), root / "photos")
+    copy_ukbench_photos(range(12), root / "photos")
     build_codebook(root / "photos", root / "codebook", config=CONFIG, progress=False)
     return root / "codebook"
 
 
 def test_two_append_processes_at_once_keep_each_others_images(codebook, tmp_path):
-    copy_photos(range(4), tmp_path / "base")
+    copy_ukbench_photos(range(4), tmp_path / "base")
     build_index(tmp_path / "index", images=tmp_path / "base", codebook=codebook, progress=False)
-    batches = [copy_photos(range(4 + 3 * k, 7 + 3 * k), tmp_path / f"batch{k}") for k in range(2)]
+    batches = [copy_ukbench_photos(range(4 + 3 * k, 7 + 3 * k), tmp_path / f"batch{k}") for k in range(2)]
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     runs = [subprocess.Popen([sys.executable, str(ROOT / "pipelines" / "index.py"), "--images",
                               str(tmp_path / f"batch{k}"), "--out", str(tmp_path / "index"), "--append",
@@ -61,13 +53,13 @@ def test_two_append_processes_at_once_keep_each_others_images(codebook, tmp_path
     assert [run.returncode for run in runs] == [0, 0], outputs
     assert all("+3 added" in out for out, _ in outputs)
     index = RetrievalIndex.load(tmp_path / "index")
-    assert sorted(index.names) == sorted(copy_photos(range(4), tmp_path / "base") + batches[0] + batches[1])
+    assert sorted(index.names) == sorted(copy_ukbench_photos(range(4), tmp_path / "base") + batches[0] + batches[1])
     # each batch's images keep their own folder: every one of them resolves to its file
     assert all(index.image_path(name).is_file() for name in index.names)
 
 
 def test_image_names_that_leave_their_folder_are_refused(codebook, tmp_path):
-    copy_photos(range(3), tmp_path / "photos")
+    copy_ukbench_photos(range(3), tmp_path / "photos")
     build_index(tmp_path / "index", images=tmp_path / "photos", codebook=codebook, progress=False)
     index = RetrievalIndex.load(tmp_path / "index")
     with pytest.raises(ValueError, match="not a relative path inside its image folder"):
@@ -90,9 +82,9 @@ def test_image_names_that_leave_their_folder_are_refused(codebook, tmp_path):
 
 
 def test_images_appended_from_another_folder_are_shown(codebook, tmp_path):
-    copy_photos(range(4), tmp_path / "first")
+    copy_ukbench_photos(range(4), tmp_path / "first")
     build_index(tmp_path / "index", images=tmp_path / "first", codebook=codebook, progress=False)
-    added = copy_photos(range(4, 8), tmp_path / "second")
+    added = copy_ukbench_photos(range(4, 8), tmp_path / "second")
     report = build_index(tmp_path / "index", images=tmp_path / "second", append=True, progress=False)
     assert sorted(report.added) == sorted(added)
     searcher = Searcher(tmp_path / "index")
@@ -105,7 +97,7 @@ def test_images_appended_from_another_folder_are_shown(codebook, tmp_path):
 
 
 def test_a_folder_of_symbolic_links_is_indexed_under_the_links_names(codebook, tmp_path):
-    copy_photos(range(3), tmp_path / "elsewhere")
+    copy_ukbench_photos(range(3), tmp_path / "elsewhere")
     links = tmp_path / "links"
     (links / "sub").mkdir(parents=True)
     for number, name in enumerate(sorted(os.listdir(tmp_path / "elsewhere"))):
@@ -127,7 +119,7 @@ def test_a_codebook_directory_missing_its_codebook_says_so(codebook, tmp_path):
 
 def test_odd_names_unreadable_formats_and_link_loops_are_named_never_fatal(codebook, tmp_path):
     folder = tmp_path / "photos"
-    good = copy_photos(range(3), folder)
+    good = copy_ukbench_photos(range(3), folder)
     latin1 = os.fsdecode(b"caf\xe9.jpg")                      # not UTF-8: a surrogate-escaped name
     shutil.copyfile(UKBENCH / "jpg" / "ukbench00005.jpg", folder / latin1)
     (folder / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
@@ -143,7 +135,7 @@ def test_odd_names_unreadable_formats_and_link_loops_are_named_never_fatal(codeb
 
 def test_a_damaged_feature_store_is_extracted_again_not_read(codebook, tmp_path, caplog):
     folder = tmp_path / "photos"
-    copy_photos(range(4), folder)
+    copy_ukbench_photos(range(4), folder)
     store = tmp_path / "store"
     build_index(tmp_path / "index", images=folder, codebook=codebook, feature_store=store, progress=False)
     [features] = store.glob("*/features.h5")

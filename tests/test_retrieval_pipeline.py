@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from retrieval.config import SystemConfig
 from retrieval.evaluation import evaluate_index
 from retrieval.index_store import RetrievalIndex
 from retrieval.models import ModelBundle
-from real_data import UKBENCH, require_ukbench
+from real_data import UKBENCH, copy_ukbench_photos, require_ukbench
 
 
 require_ukbench(module_level=True)
@@ -44,20 +43,12 @@ def ukbench_name(number: int) -> str:
     return f"ukbench{number:05d}.jpg"
 
 
-def copy_photos(numbers, folder: Path) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    names = [ukbench_name(n) for n in numbers]
-    for name in names:
-        shutil.copyfile(UKBENCH / "jpg" / name, folder / name)
-    return names
-
-
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory):
     """A revisitop-layout dataset of the base objects; codebook and index built from it."""
     root = tmp_path_factory.mktemp("retrieval")
     dataset = root / "dataset"
-    names = copy_photos(range(4 * BASE_OBJECTS), dataset / "jpg")
+    names = copy_ukbench_photos(range(4 * BASE_OBJECTS), dataset / "jpg")
     stems = [name[:-4] for name in names]
     gnd = [{"easy": [j for j in range(4 * (i // 4), 4 * (i // 4) + 4) if j != i], "hard": [],
             "junk": [i], "bbx": None} for i in range(len(names))]
@@ -147,7 +138,7 @@ def test_append_and_remove_without_rebuilding(collection, tmp_path):
     shutil.copytree(collection["index"], index_dir)
     folder = tmp_path / "all"
     shutil.copytree(collection["dataset"] / "jpg", folder)
-    extra = copy_photos(range(4 * BASE_OBJECTS, 4 * (BASE_OBJECTS + EXTRA_OBJECTS)), folder)
+    extra = copy_ukbench_photos(range(4 * BASE_OBJECTS, 4 * (BASE_OBJECTS + EXTRA_OBJECTS)), folder)
     report = build_index(index_dir, images=folder, append=True, progress=False)
     assert sorted(report.added) == sorted(extra)
     assert len(report.already_indexed) == 4 * BASE_OBJECTS
@@ -198,7 +189,7 @@ def test_evaluate_every_variant_side_by_side_with_stage_latencies(collection):
 def test_interrupted_index_run_resumes_without_extracting_twice(collection, tmp_path,
                                                                  monkeypatch):
     folder = tmp_path / "photos"
-    names = copy_photos(range(28, 34), folder)
+    names = copy_ukbench_photos(range(28, 34), folder)
     calls = []
     original = extraction_module.BatchExtractor.__call__
 
@@ -232,7 +223,7 @@ def test_interrupted_index_run_resumes_without_extracting_twice(collection, tmp_
 
 def test_broken_files_are_skipped_and_named(collection, tmp_path):
     folder = tmp_path / "mixed"
-    good = copy_photos(range(32, 35), folder)
+    good = copy_ukbench_photos(range(32, 35), folder)
     data = (UKBENCH / "jpg" / ukbench_name(40)).read_bytes()
     (folder / "truncated.jpg").write_bytes(data[:len(data) // 2])
     (folder / "notes.jpg").write_text("this is a text file, not a photo\n")

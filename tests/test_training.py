@@ -7,13 +7,13 @@ import json
 import os
 import pickle
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from processes import spawn_on_free_port
 from real_data import UKBENCH, require_ukbench
 from retrieval.config import SystemConfig, TrainConfig
 from retrieval.network import NetworkConfig, RetrievalNet
@@ -135,17 +135,7 @@ def _ddp_rank(rank: int, world: int, port: int, run: str) -> None:
 
 
 def test_two_ddp_processes_train_one_model(tmp_path):
-    import torch.multiprocessing as mp
-    for attempt in range(2):  # a free port can be taken by another process before rank 0 binds it
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        try:
-            mp.spawn(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-            break
-        except (mp.ProcessRaisedException, mp.ProcessExitedException):
-            if attempt:
-                raise
+    spawn_on_free_port(_ddp_rank, 2, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["steps"] == ranks[1]["steps"] == 2
     initial = new_net().state_dict()

@@ -65,6 +65,7 @@ CONFIGS: dict[str, dict] = {
     "words 16384": _with(codebook={"size": 16384}),
     "query MA 1": _with(asmk={"query_multiple_assignment": 1}),
     "query MA 3": _with(asmk={"query_multiple_assignment": 3}),
+    "mixed precision": _with(extraction={"precision": "mixed"}),
 }
 # the global weight stays 1: the rules rank by weighted sums, so only the weights' ratios matter
 FUSION_GRID = {"fusion": ["minmax", "zscore", "rrf"], "asmk_weight": [0.25, 0.5, 1.0, 2.0, 4.0],

@@ -77,23 +77,26 @@ def _mean_average_precision(net: RetrievalNet, trainer: Trainer) -> float:
 
 
 def test_training_brings_views_of_an_object_together_and_resumes_exactly(tmp_path):
-    config = TrainConfig(**TRAIN, epochs=3, global_loss="contrastive")
+    config = TrainConfig(**TRAIN, epochs=3, global_loss="contrastive")   # 6 batches an epoch
     straight = Trainer(new_net(), labelled_photos(), config, tmp_path / "straight", progress=False)
     result = straight.fit(max_steps=6)
-    assert result.steps == 6 and (tmp_path / "straight" / "model.pt").is_file()
+    assert result.steps == 6 and result.epochs == 1 and (tmp_path / "straight" / "model.pt").is_file()
     assert any((tmp_path / "straight" / CACHE_DIR).glob("*/complete"))
     before = _mean_average_precision(new_net(), straight)
     after = _mean_average_precision(straight.net, straight)
     assert before < 0.99 <= after, (before, after)  # trained on these photos: mates ranked first
+    assert straight.fit(max_steps=9).steps == 9     # on into the second epoch (its own order)
 
-    # interrupted after 3 steps, resumed by a new trainer: exactly the weights of the straight run
-    first = Trainer(new_net(), labelled_photos(), config, tmp_path / "resumed", progress=False)
-    assert first.fit(max_steps=3).steps == 3
-    second = Trainer(new_net(seed=5), labelled_photos(), config, tmp_path / "resumed", progress=False)
-    assert second.fit(max_steps=6).steps == 6
+    # interrupted in the first epoch and again in the second, resumed each time by a new trainer:
+    # exactly the weights of the straight run
+    for stop in (3, 8, 9):   # later trainers start from other weights: the checkpoint replaces them
+        resumed = Trainer(new_net(seed=0 if stop == 3 else stop), labelled_photos(), config, tmp_path / "resumed",
+                          progress=False)
+        assert resumed.fit(max_steps=stop).steps == stop
     for name, tensor in straight.net.state_dict().items():
-        assert torch.equal(second.net.state_dict()[name], tensor), name
-    assert RetrievalNet.load(tmp_path / "resumed" / "model.pt").loaded_hash == result.model_sha256
+        assert torch.equal(resumed.net.state_dict()[name], tensor), name
+    assert (RetrievalNet.load(tmp_path / "resumed" / "model.pt").loaded_hash
+            == RetrievalNet.load(tmp_path / "straight" / "model.pt").loaded_hash != result.model_sha256)
 
 
 def test_the_last_backbone_stage_trains_on_augmented_photos_and_resumes_exactly(tmp_path):

@@ -41,8 +41,11 @@ from retrieval.models import new_fitted_network  # noqa: E402
 from retrieval.searcher import Searcher  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
-BASE = {"extraction": {"max_size": 512, "scales": [1.414, 1.0, 0.7071], "top_n": 1000},
-        "codebook": {"size": 4096}, "asmk": {"query_multiple_assignment": 5}}
+# the settings every configuration changes one thing of (pinned, not the defaults they chose)
+BASE = {"extraction": {"max_size": 512, "scales": [1.414, 1.0, 0.7071], "top_n": 1000, "precision": "float32"},
+        "codebook": {"size": 4096, "min_descriptors_per_word": 30}, "asmk": {"query_multiple_assignment": 5},
+        "search": {"shortlist": 100, "fusion": "minmax", "global_weight": 1.0, "asmk_weight": 1.0,
+                   "inlier_weight": 1.0, "verify_top": 20, "query_expansion": 0, "dba_neighbors": 0}}
 
 
 def _with(**changes) -> dict:
@@ -53,7 +56,7 @@ def _with(**changes) -> dict:
     return merged
 
 
-CONFIGS: dict[str, dict] = {
+CONFIGS: dict[str, dict | str] = {   # overrides of the defaults, or a preset name
     "base": BASE,
     "scales 1 .71 .5": _with(extraction={"scales": [1.0, 0.7071, 0.5]}),
     "scales 2 1.4 1 .71 .5": _with(extraction={"scales": [2.0, 1.414, 1.0, 0.7071, 0.5]}),
@@ -66,11 +69,22 @@ CONFIGS: dict[str, dict] = {
     "query MA 1": _with(asmk={"query_multiple_assignment": 1}),
     "query MA 3": _with(asmk={"query_multiple_assignment": 3}),
     "mixed precision": _with(extraction={"precision": "mixed"}),
+    "top-n 500 words 512": _with(extraction={"top_n": 500}, codebook={"size": 512}),
+    "top-n 500 words 1024": _with(extraction={"top_n": 500}, codebook={"size": 1024}),
+    "top-n 500 words 2048": _with(extraction={"top_n": 500}, codebook={"size": 2048}),
+    "top-n 500 words 256": _with(extraction={"top_n": 500}, codebook={"size": 256}),
+    "top-n 1000 words 512": _with(codebook={"size": 512}),
+    "top-n 500, 1000 per word": _with(extraction={"top_n": 500}, codebook={"size": 65536,
+                                                                          "min_descriptors_per_word": 1000}),
+    "top-n 500, 2000 per word": _with(extraction={"top_n": 500}, codebook={"size": 65536,
+                                                                          "min_descriptors_per_word": 2000}),
+    "fast preset": "fast",            # the presets as they ship (retrieval/presets/*.yaml)
+    "accurate preset": "accurate",
 }
 # the global weight stays 1: the rules rank by weighted sums, so only the weights' ratios matter
-FUSION_GRID = {"fusion": ["minmax", "zscore", "rrf"], "asmk_weight": [0.25, 0.5, 1.0, 2.0, 4.0],
-               "inlier_weight": [0.25, 0.5, 1.0, 2.0, 4.0]}
-VERIFY_TOP = [0, 20, 50, 100]
+FUSION_GRID = {"fusion": ["minmax", "zscore"], "asmk_weight": [2.0, 4.0, 8.0, 16.0],
+               "inlier_weight": [1.0, 2.0, 4.0], "shortlist": [100, 300]}
+VERIFY_TOP = [20, 100]
 EXPANSION = [0, 1, 2, 3]
 MODEL_FIT_IMAGES = 100        # per dataset, for the one model every setting shares
 EXTRACTION_SAMPLE = 12        # photos timed per setting
@@ -141,7 +155,7 @@ def stored_queries(searcher: Searcher, store_root: Path, dataset: str) -> dict:
 
 
 def run_config(name: str, overrides: dict, dataset: str, model: Path, out: Path, queries: str) -> dict:
-    config = SystemConfig().updated(overrides)
+    config = SystemConfig.load(overrides) if isinstance(overrides, str) else SystemConfig().updated(overrides)
     work = out / dataset / name.replace(" ", "_")
     store = out / dataset / "features"
     build_codebook(DATA / dataset / "jpg", work / "codebook", config=config, model=model, feature_store=store,
@@ -155,34 +169,36 @@ def run_config(name: str, overrides: dict, dataset: str, model: Path, out: Path,
     return report
 
 
-def fusion_sweep(index: Path, dataset: str, queries: str) -> list[dict]:
-    """mAP of the two-stage variants for each ranking setting (no rebuilding)."""
+def fusion_sweep(index: Path, dataset: str, queries: str) -> tuple[list[dict], list[dict]]:
+    """mAP of the two-stage variants for each ranking of the shortlist (no rebuilding): first the
+    fusion rule, weights and shortlist size (20 verified images), then, with the best of those,
+    the images verified and the alpha-QE / DBA neighbours."""
     searcher = Searcher(index)
     base = searcher.config.search
     prepared = stored_queries(searcher, index.parent.parent / "features", dataset)
-    rows = []
-    for fusion, a, i in itertools.product(*FUSION_GRID.values()):
-        g = 1.0
-        searcher.config.search = replace(base, fusion=fusion, global_weight=g, asmk_weight=a, inlier_weight=i,
-                                         verify_top=20)
+    rankings = []
+    for fusion, a, i, shortlist in itertools.product(*FUSION_GRID.values()):
+        searcher.config.search = replace(base, fusion=fusion, global_weight=1.0, asmk_weight=a, inlier_weight=i,
+                                         shortlist=shortlist, verify_top=20, query_expansion=0, dba_neighbors=0)
         report = evaluate_index(DATA / dataset, searcher, queries=queries, progress=False,
                                 variants=["two_stage", "two_stage+sv"], prepared=prepared)
-        rows.append({"fusion": fusion, "weights": (g, a, i),
-                     **{v: report["modes"][v]["mAP"]["medium"] for v in report["modes"]}})
-    best = max(rows, key=lambda row: row["two_stage+sv"])
+        rankings.append({"fusion": fusion, "weights": (1.0, a, i), "shortlist": shortlist,
+                         **{v: report["modes"][v]["mAP"]["medium"] for v in report["modes"]},
+                         "stage2_ms": report["latency_ms"]["two_stage+sv"]["stage2"]})
+    best = max(rankings, key=lambda row: row["two_stage+sv"])
+    expansions = []
     for verify_top, expansion in itertools.product(VERIFY_TOP, EXPANSION):
-        g, a, i = best["weights"]
-        searcher.config.search = replace(base, fusion=best["fusion"], global_weight=g, asmk_weight=a,
-                                         inlier_weight=i, verify_top=verify_top, query_expansion=expansion,
-                                         dba_neighbors=expansion)
-        report = evaluate_index(DATA / dataset, searcher, queries=queries, progress=False,
-                                variants=["global+dba+qe", "two_stage+sv+qe"], prepared=prepared)
-        rows.append({"fusion": best["fusion"], "weights": best["weights"], "verify_top": verify_top,
-                     "expansion": expansion,
-                     **{v: report["modes"][v]["mAP"]["medium"] for v in report["modes"]},
-                     "stage3_ms": report["latency_ms"]["two_stage+sv+qe"]["stage3"]})
+        _, a, i = best["weights"]
+        searcher.config.search = replace(base, fusion=best["fusion"], global_weight=1.0, asmk_weight=a,
+                                         inlier_weight=i, shortlist=best["shortlist"], verify_top=verify_top,
+                                         query_expansion=expansion, dba_neighbors=expansion)
+        report = evaluate_index(DATA / dataset, searcher, queries=queries, progress=False, prepared=prepared,
+                                variants=["global+qe", "global+dba+qe", "two_stage+sv", "two_stage+sv+qe"])
+        expansions.append({"verify_top": verify_top, "expansion": expansion,
+                           **{v: report["modes"][v]["mAP"]["medium"] for v in report["modes"]},
+                           "stage3_ms": report["latency_ms"]["two_stage+sv"]["stage3"]})
     searcher.config.search = base
-    return rows
+    return rankings, expansions
 
 
 def main(argv=None) -> int:
@@ -209,16 +225,20 @@ def main(argv=None) -> int:
     if args.fusion:
         first = args.configs[0].replace(" ", "_")
         for dataset in args.datasets:
-            rows = fusion_sweep(args.out / dataset / first / "index", dataset, args.queries)
-            results[f"fusion | {dataset}"] = rows
-            print(f"\nranking of the shortlist on {dataset} ({args.configs[0]}):")
-            for row in sorted(rows[:-len(VERIFY_TOP) * len(EXPANSION)], key=lambda r: -r["two_stage+sv"])[:10]:
-                print(f"  {row['fusion']:<7} weights g/a/i {row['weights']}: two_stage {row['two_stage']:.2f}, "
-                      f"+sv {row['two_stage+sv']:.2f}")
-            for row in rows[-len(VERIFY_TOP) * len(EXPANSION):]:
-                print(f"  verify top {row['verify_top']:>3}, QE/DBA {row['expansion']}: global+dba+qe "
-                      f"{row['global+dba+qe']:.2f}, two_stage+sv+qe {row['two_stage+sv+qe']:.2f}, "
-                      f"stage 3 {row['stage3_ms']:.1f} ms")
+            rankings, expansions = fusion_sweep(args.out / dataset / first / "index", dataset, args.queries)
+            results[f"fusion | {dataset}"] = {"rankings": rankings, "expansions": expansions}
+            print(f"\nranking of the shortlist on {dataset} ({args.configs[0]}), best 12 of {len(rankings)}:")
+            for row in sorted(rankings, key=lambda r: -r["two_stage+sv"])[:12]:
+                print(f"  {row['fusion']:<7} weights g/a/i {row['weights']} shortlist {row['shortlist']}: "
+                      f"two_stage {row['two_stage']:.2f}, +sv {row['two_stage+sv']:.2f}, "
+                      f"stage 2 {row['stage2_ms']:.1f} ms")
+            for rule in FUSION_GRID["fusion"]:
+                best = max((r for r in rankings if r["fusion"] == rule), key=lambda r: r["two_stage+sv"])
+                print(f"  best {rule}: {best['two_stage+sv']:.2f} ({best['weights']}, shortlist {best['shortlist']})")
+            for row in expansions:
+                print(f"  verify top {row['verify_top']:>3}, QE/DBA {row['expansion']}: global+qe "
+                      f"{row['global+qe']:.2f}, global+dba+qe {row['global+dba+qe']:.2f}, two_stage+sv "
+                      f"{row['two_stage+sv']:.2f}, +qe {row['two_stage+sv+qe']:.2f}, stage 3 {row['stage3_ms']:.1f} ms")
             (args.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     return 0
 

@@ -12,7 +12,8 @@ interleaved:
     stride 16) and the GLAM model (a second copy up to stride 32) each run the shared extraction
     loop over the photos (each photo decoded twice) and, for a query, each runs its own pyramid;
 (b) the one-pass model: each photo decoded once, one forward per pyramid level for both heads
-    (retrieval.extraction), channels-last, and (b') the same in the contiguous memory format;
+    (retrieval.extraction), channels-last; (b') the same in the contiguous memory format; (b'')
+    with batches of equal-size photos (indexing; its query column is (b)'s);
 (c) the floor: each photo decoded once and the bare backbone forward over the same pyramid.
 
 Each at float32 and with mixed precision (bfloat16 autocast on CPUs with native bfloat16,
@@ -56,6 +57,7 @@ from retrieval.network import RetrievalNet  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 PRECISIONS = ("float32", "mixed")
+BATCH = 4                     # images of one size per forward in the batched row
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
@@ -269,6 +271,7 @@ def main(argv=None) -> int:
     for precision in PRECISIONS:
         run = config.updated({"extraction": {"precision": precision}})
         run_contiguous = run.updated({"extraction": {"channels_last": False}})
+        run_batched = run.updated({"extraction": {"batch_size": BATCH}})
         paths = {
             "(a) two passes": (lambda w: index_two_pass(models, index_paths, run, precision, w),
                                lambda p: query_two_pass(models, p, run, precision)),
@@ -276,6 +279,8 @@ def main(argv=None) -> int:
                              lambda p: query_one_pass(net, p, run)),
             "(b') one pass, contiguous": (lambda w: index_one_pass(contiguous, index_paths, run_contiguous, w),
                                           lambda p: query_one_pass(contiguous, p, run_contiguous)),
+            f"(b'') one pass, batches {BATCH}": (lambda w: index_one_pass(net, index_paths, run_batched, w),
+                                                 lambda p: query_one_pass(net, p, run)),
             "(c) backbone only": (lambda w: index_floor(net, index_paths, run, w),
                                   lambda p: query_floor(net, p, run)),
         }

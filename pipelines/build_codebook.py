@@ -31,8 +31,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, required=True, help="folder of training images")
     parser.add_argument("--out", type=Path, required=True, help="codebook directory to write")
-    parser.add_argument("--size", type=int, help="visual words (default: the config's, 65536; "
-                        "capped for small collections)")
+    parser.add_argument("--size", type=int, help="visual words (default: one per "
+                        "codebook.min_descriptors_per_word descriptors of the collection, at most "
+                        "codebook.size)")
     parser.add_argument("--model", type=Path, help="a trained model file (pipelines/train.py); "
                         "default: the config's `model`, else a new model (ImageNet weights)")
     parser.add_argument("--feature-store", type=Path, help="where extracted features are kept and "

@@ -85,7 +85,8 @@ def build_codebook(images: str | os.PathLike, output: str | os.PathLike, *,
     default ``.<output name>.features`` beside ``output``, where index runs with this codebook
     find them again), the local descriptors are sampled (up to ``max_training_descriptors``) and
     clustered into ``size`` words (default ``config.codebook.size``), capped at descriptors /
-    ``min_descriptors_per_word`` with a :class:`SmallCollectionWarning`.
+    ``min_descriptors_per_word`` (the configured size scales with the collection that way; a
+    ``size`` given here that is capped warns with a :class:`SmallCollectionWarning`).
     """
     config = config or SystemConfig()
     collected = collect_images(images)
@@ -102,15 +103,16 @@ def build_codebook(images: str | os.PathLike, output: str | os.PathLike, *,
     good, features, failures, run = collection_features(store, bundle, paths, names, progress=progress)
     failures.update(collected.skipped)
     descriptors = features.local_descriptors
+    collection_descriptors = descriptors.shape[0]    # the codebook's size follows the collection's
     rng = np.random.default_rng(settings.seed)
     if descriptors.shape[0] > settings.max_training_descriptors:
         keep = np.sort(rng.choice(descriptors.shape[0], settings.max_training_descriptors,
                                   replace=False))
         descriptors = descriptors[keep]
     requested = int(size or settings.size)
-    chosen = settings.size_for(descriptors.shape[0], requested)
-    if chosen < requested:
-        message = (f"{descriptors.shape[0]} training descriptors from {len(good)} images are too "
+    chosen = settings.size_for(collection_descriptors, requested)
+    if chosen < requested and size is not None:    # a size asked for by name cannot be met
+        message = (f"{collection_descriptors} descriptors from {len(good)} images are too "
                    f"few for {requested} visual words (want >= {settings.min_descriptors_per_word} "
                    f"per word); training {chosen} words instead")
         warnings.warn(message, SmallCollectionWarning, stacklevel=2)

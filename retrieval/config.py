@@ -51,8 +51,8 @@ class ExtractionConfig:
     batch_size: up to this many equal-size images share each forward (one per pyramid level).
     """
     max_size: int = 512
-    scales: tuple[float, ...] = (1.0, 0.7071, 0.5)
-    top_n: int = 1000
+    scales: tuple[float, ...] = (1.414, 1.0, 0.7071)
+    top_n: int = 500
     device: str = "auto"
     precision: str = "float32"
     channels_last: bool = True
@@ -77,13 +77,14 @@ class ExtractionConfig:
 class CodebookConfig:
     """k-means codebook training.
 
-    size: visual words asked for (capped for small collections, see ``max_size_for``).
-    min_descriptors_per_word: the cap: at most descriptors / this many words.
+    size: the most visual words (what a large collection gets).
+    min_descriptors_per_word: the codebook of a smaller collection gets descriptors / this many
+        words: its size grows with the collection up to ``size`` (``size_for``).
     max_training_descriptors: descriptors sampled from the collection for k-means.
     fit_images: images sampled to learn the MDA reduction PCA and the GLAM whitening.
     """
     size: int = 65536
-    min_descriptors_per_word: int = 30
+    min_descriptors_per_word: int = 1000
     max_training_descriptors: int = 2_000_000
     fit_images: int = 200
     seed: int = 0
@@ -117,21 +118,22 @@ class SearchConfig:
     verify_top: R, the top R of the fused shortlist are spatially verified (0: no stage 3).
     verification: stage 3's matching and robust fit (:class:`asmk_index.verification.VerificationConfig`).
     query_expansion, qe_alpha: alpha-QE of the global query over its top results (0: off).
-    dba_neighbors, dba_alpha: alpha-DBA of the indexed global descriptors (0: off).
+    dba_neighbors, dba_alpha: alpha-DBA of the indexed global descriptors (0: off); computed
+        once per loaded index (an exact all-pairs search of the global descriptors).
     """
     k: int = 10
-    shortlist: int = 100
+    shortlist: int = 300
     mode: str = "two_stage"
     global_method: str = "exact"
-    fusion: str = "minmax"
+    fusion: str = "zscore"
     global_weight: float = 1.0
-    asmk_weight: float = 1.0
-    inlier_weight: float = 1.0
-    verify_top: int = 20
+    asmk_weight: float = 8.0
+    inlier_weight: float = 4.0
+    verify_top: int = 100
     verification: VerificationConfig = field(default_factory=VerificationConfig)
-    query_expansion: int = 0
+    query_expansion: int = 2
     qe_alpha: float = 3.0
-    dba_neighbors: int = 0
+    dba_neighbors: int = 2
     dba_alpha: float = 3.0
 
     def __post_init__(self) -> None:
@@ -228,6 +230,10 @@ class TrainConfig:
 @dataclass
 class SystemConfig:
     """Everything the system needs to build a codebook, index images and search them.
+
+    The defaults are the "fast" preset (``presets/fast.yaml``, a test keeps the two equal): the
+    extraction, codebook, ASMK* and search settings were chosen on the development photos only
+    (``benchmarks/defaults.py``: ukbench-dev and grocery-dev, every other object's queries).
 
     model: a trained model file (``pipelines/train.py``) to start from; None = a new model of
         ``network`` with packaged ImageNet weights, its reduction and whitening learned from the

@@ -252,11 +252,7 @@ class FeatureStore:
         net = prepare_network(net, config)
         self.directory.mkdir(parents=True, exist_ok=True)
         with FileLock(self.directory / ".lock"):  # another run on this store: wait for it
-            try:
-                FeatureFile(self.path).close() if self.path.exists() else None
-            except CorruptFeatureFileError as error:   # the whole file is unreadable: start it again
-                logger.warning("%s; deleting it and extracting the features again", error)
-                self.path.unlink()
+            self._discard_if_unreadable()
             report = extract_to_file(
                 [path for _, path in unique], BatchExtractor(net, config), self.path, kind="local",
                 dim=net.descriptor_dim, fields=LOCAL_FIELDS,
@@ -268,6 +264,17 @@ class FeatureStore:
         run.failures.update(dict(report.failures))
         run.extracted, run.already_stored = report.extracted, report.skipped
         return run
+
+    def _discard_if_unreadable(self) -> None:
+        """Delete the features file when it cannot be read as a whole (its records are then
+        extracted again); damaged single records are handled by the file's writer."""
+        if not self.path.exists():
+            return
+        try:
+            FeatureFile(self.path).close()
+        except CorruptFeatureFileError as error:
+            logger.warning("%s; deleting it and extracting the features again", error)
+            self.path.unlink()
 
     def read(self, keys: Sequence[str]) -> CollectionFeatures:
         """The stored features of ``keys`` (every one must be stored)."""

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = SystemConfig().updated({
     "extraction": {"max_size": 160, "scales": [1.0, 0.7071], "top_n": 150, "device": "cpu"},
-    "codebook": {"fit_images": 8, "size": 48},
+    "codebook": {"fit_images": 8, "size": 48, "min_descriptors_per_word": 30},
     "network": {"glam": {"local_reduced_channels": 16, "global_reduced_channels": 16}},
     "search": {"shortlist": 12, "verify_top": 4},
 })

@@ -33,7 +33,7 @@ EXTRA_OBJECTS = 2         # objects 6..7 are appended
 REQUESTED_WORDS = 4096    # far too many for this collection: capped, with a warning
 CONFIG = SystemConfig().updated({
     "extraction": {"max_size": 200, "scales": [1.0, 0.7071], "top_n": 200, "device": "cpu"},
-    "codebook": {"fit_images": 12},
+    "codebook": {"fit_images": 12, "min_descriptors_per_word": 30},   # words for tiny test collections
     "network": {"glam": {"whitening_power": 0.0}},
     "search": {"shortlist": 20},
 })
@@ -70,7 +70,7 @@ def test_codebook_directory_carries_one_model_and_capped_size(collection):
     assert sorted(p.name for p in current_version(directory).iterdir()) == [
         "codebook.npz", "config.yaml", "manifest.json", "model.pt"]
     assert report.images == 4 * BASE_OBJECTS and report.requested_size == REQUESTED_WORDS
-    assert report.size == report.training_descriptors // 30 < REQUESTED_WORDS
+    assert report.size == report.training_descriptors // CONFIG.codebook.min_descriptors_per_word < REQUESTED_WORDS
     assert report.extracted == 4 * BASE_OBJECTS and report.reused == 0
     bundle = ModelBundle.load(directory)
     assert bundle.codebook.size == report.size and bundle.model_hash == report.model_sha256

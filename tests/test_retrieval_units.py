@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.config import AsmkConfig, CodebookConfig, SystemConfig
+from retrieval.config import AsmkConfig, CodebookConfig, ExtractionConfig, SystemConfig
 from retrieval.demo_collection import make_demo_collection, make_view
 from retrieval.evaluation import _full_ranking, is_ukbench_layout
 from retrieval.html import HtmlResult, render_results_page, write_results_page
@@ -37,7 +37,7 @@ def test_config_yaml_round_trip_and_partial_files(tmp_path):
     assert (loaded.network.mda.backbone.tap, loaded.network.glam.backbone.tap) == ("stride16", "stride32")
     assert loaded.train.local_loss == "none" and loaded.train.trainable_stages is None
     assert loaded.model == str(tmp_path / "runs/a/model.pt")  # relative to the config file
-    assert loaded.asmk == AsmkConfig() and loaded.extraction.top_n == 1000  # defaults kept
+    assert loaded.asmk == AsmkConfig() and loaded.extraction.top_n == ExtractionConfig().top_n  # defaults kept
     assert SystemConfig.load(path).network == SystemConfig().network
 
 
@@ -202,3 +202,22 @@ def test_feature_store_is_keyed_by_model_and_settings_and_records_by_file(tmp_pa
     assert resized != key
     os.utime(photo, ns=(1, 1))  # the same size but another modification time: again
     assert record_key(photo) not in (key, resized)
+
+
+def test_presets_load_from_yaml_and_the_defaults_are_the_fast_one(tmp_path):
+    from retrieval.config import PRESETS
+    assert set(PRESETS) == {"fast", "accurate"}
+    fast, accurate = SystemConfig.load("fast"), SystemConfig.load("accurate")
+    assert fast == SystemConfig()   # the defaults are the fast preset, chosen on development data
+    assert accurate.extraction.max_size == 1024 and len(accurate.extraction.scales) == 7
+    assert accurate.extraction.top_n > fast.extraction.top_n and accurate.search.verify_top > fast.search.verify_top
+    assert accurate.search.fusion == fast.search.fusion     # the rest comes from the fast preset
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("preset: accurate\nextraction: {max_size: 800}\n")
+    loaded = SystemConfig.load(mine)
+    assert loaded.extraction.max_size == 800 and loaded.extraction.scales == accurate.extraction.scales
+    mine.write_text("preset: quick\n")
+    with pytest.raises(ValueError, match="mine.yaml: unknown preset 'quick'"):
+        SystemConfig.load(mine)
+    with pytest.raises(FileNotFoundError, match="a preset: accurate, fast"):
+        SystemConfig.load("quick")

@@ -23,9 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines._common import setup_logging  # noqa: E402
+from pipelines._common import add_common_arguments, config_from_arguments, setup_logging  # noqa: E402
 from retrieval.builder import build_codebook, build_index  # noqa: E402
-from retrieval.config import SystemConfig  # noqa: E402
 from retrieval.evaluation import QUERY_SPLITS, evaluate_index, format_evaluation  # noqa: E402
 
 UKBENCH = ROOT.parent / "shared" / "data" / "ukbench-dev"
@@ -34,41 +33,39 @@ UKBENCH = ROOT.parent / "shared" / "data" / "ukbench-dev"
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", type=Path, default=UKBENCH, help="revisitop-layout folder")
-    parser.add_argument("--config", help="a preset name (fast, accurate) or a YAML file (default: the defaults)")
     parser.add_argument("--queries", choices=QUERY_SPLITS, default="all")
     parser.add_argument("--out", type=Path, help="default: outputs/pipeline_<dataset>")
     parser.add_argument("--max-queries", type=int)
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--reuse", action="store_true", help="reuse an existing codebook/index")
+    add_common_arguments(parser)   # --config (a preset or YAML file; default: the defaults), --device, ...
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_arguments(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     if not (args.dataset / "jpg").is_dir():
         print(f"dataset not found: {args.dataset}", file=sys.stderr)
         return 2
-    config = SystemConfig.load(args.config) if args.config else SystemConfig()
-    config = config.updated({"extraction": {"device": args.device}})
+    config = config_from_arguments(args)
     out = args.out or ROOT / "outputs" / f"pipeline_{args.dataset.name}"
     timings = {}
     codebook_dir, index_dir, store = out / "codebook", out / "index", out / "features"
     start = time.perf_counter()
     if not (args.reuse and codebook_dir.is_dir()):
         report = build_codebook(args.dataset / "jpg", codebook_dir, config=config, feature_store=store,
-                                progress=False)
+                                progress=not args.no_progress)
         print(f"codebook: {report.size} words from {report.training_descriptors} descriptors of "
               f"{report.images} images")
     timings["codebook_s"] = time.perf_counter() - start
     start = time.perf_counter()
     if not (args.reuse and index_dir.is_dir()):
         build_index(index_dir, images=args.dataset / "jpg", codebook=codebook_dir, feature_store=store,
-                    progress=False)
+                    progress=not args.no_progress)
     timings["index_s"] = time.perf_counter() - start
     start = time.perf_counter()
     report = evaluate_index(args.dataset, index_dir, queries=args.queries, max_queries=args.max_queries,
-                            progress=False)
+                            progress=not args.no_progress)
     timings["evaluate_s"] = time.perf_counter() - start
     e = config.extraction
     print(f"\nsettings: {args.config or 'defaults'}: max_size {e.max_size}, scales {list(e.scales)}, "

@@ -105,8 +105,8 @@ def build_codebook(images: str | os.PathLike, output: str | os.PathLike, *,
     descriptors = features.local_descriptors
     collection_descriptors = descriptors.shape[0]    # the codebook's size follows the collection's
     rng = np.random.default_rng(settings.seed)
-    if descriptors.shape[0] > settings.max_training_descriptors:
-        keep = np.sort(rng.choice(descriptors.shape[0], settings.max_training_descriptors,
+    if collection_descriptors > settings.max_training_descriptors:
+        keep = np.sort(rng.choice(collection_descriptors, settings.max_training_descriptors,
                                   replace=False))
         descriptors = descriptors[keep]
     requested = int(size or settings.size)

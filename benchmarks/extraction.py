@@ -11,6 +11,10 @@ interleaved:
 (a) two passes, as before the one-pass model: the MDA model (its own copy of the backbone, cut at
     stride 16) and the GLAM model (a second copy up to stride 32) each run the shared extraction
     loop over the photos (each photo decoded twice) and, for a query, each runs its own pyramid;
+    the GLAM head computes its formulas as written then (the global channel attention as a C x C
+    matrix, the local spatial branches before the fuse; `reference_head_forms`);
+(a') the same two passes with today's GLAM head (series channel attention, composed branches), to
+    show what the one pass alone gives;
 (b) the one-pass model: each photo decoded once, one forward per pyramid level for both heads
     (retrieval.extraction), channels-last; (b') the same in the contiguous memory format; (b'')
     with batches of equal-size photos (indexing; its query column is (b)'s);
@@ -43,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from glam.extract import GlobalExtractor, extract_global_descriptor  # noqa: E402
 from glam.model import GlamModel  # noqa: E402
+from glam.modules import GlobalChannelAttention, LocalSpatialAttention  # noqa: E402
 from imagedata.extraction import extract_to_file  # noqa: E402
 from imagedata.images import image_to_tensor, load_image  # noqa: E402
 from mda.extract import LOCAL_FIELDS, LocalFeatureExtractor, extract_local_features, pyramid  # noqa: E402
@@ -81,6 +86,16 @@ def two_pass_models(net: RetrievalNet) -> tuple[MdaModel, GlamModel]:
     glam = GlamModel(config.glam, backbone=_backbone_copy(net, config.glam.backbone))
     glam.descriptor_head.load_state_dict(net.global_head.state_dict())
     return mda.to(net.device).eval(), glam.to(net.device).eval()
+
+
+def reference_head_forms(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch a model's GLAM head to the formulas as written (the head as it was before the one-pass model)."""
+    for module in model.modules():
+        if isinstance(module, GlobalChannelAttention):
+            module.method = "matrix"
+        elif isinstance(module, LocalSpatialAttention):
+            module.composed = False
+    return model
 
 
 def _backbone_copy(net: RetrievalNet, config):
@@ -256,14 +271,15 @@ def main(argv=None) -> int:
     fit = sample_fit_images(chosen[:40], 40, config.extraction.max_size, seed=0)
     net = prepare_network(new_fitted_network(config, fit), config.extraction)
     models = two_pass_models(net)
+    models_before = tuple(reference_head_forms(copy.deepcopy(model)) for model in models)
     contiguous = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
 
     contiguous_config = config.updated({"extraction": {"channels_last": False}})
-    local_diff, global_diff, differing = feature_difference(models, contiguous, query_paths, contiguous_config)
+    local_diff, global_diff, differing = feature_difference(models_before, contiguous, query_paths, contiguous_config)
     print(f"float32 features, (b') one pass vs (a) two passes (both contiguous), {len(query_paths)} photos: "
           f"max |local diff| {local_diff:.2e}, max |global diff| {global_diff:.2e}, photos with other "
           f"selected locations {differing}")
-    local_diff, global_diff, differing = feature_difference(models, net, query_paths, config)
+    local_diff, global_diff, differing = feature_difference(models_before, net, query_paths, config)
     print(f"float32 features, (b) one pass channels-last vs (a): max |local diff| {local_diff:.2e}, max "
           f"|global diff| {global_diff:.2e}, photos with other selected locations {differing}")
 
@@ -273,8 +289,10 @@ def main(argv=None) -> int:
         run_contiguous = run.updated({"extraction": {"channels_last": False}})
         run_batched = run.updated({"extraction": {"batch_size": BATCH}})
         paths = {
-            "(a) two passes": (lambda w: index_two_pass(models, index_paths, run, precision, w),
-                               lambda p: query_two_pass(models, p, run, precision)),
+            "(a) two passes": (lambda w: index_two_pass(models_before, index_paths, run, precision, w),
+                               lambda p: query_two_pass(models_before, p, run, precision)),
+            "(a') two passes, new head": (lambda w: index_two_pass(models, index_paths, run, precision, w),
+                                          lambda p: query_two_pass(models, p, run, precision)),
             "(b) one pass": (lambda w: index_one_pass(net, index_paths, run, w),
                              lambda p: query_one_pass(net, p, run)),
             "(b') one pass, contiguous": (lambda w: index_one_pass(contiguous, index_paths, run_contiguous, w),

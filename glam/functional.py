@@ -43,6 +43,7 @@ __all__ = [
     "apply_local_attention",
     "global_channel_attention_matrix",
     "global_channel_attention",
+    "series_terms",
     "global_spatial_attention",
     "apply_global_attention",
     "fusion_weights",
@@ -105,6 +106,7 @@ def local_spatial_attention(
     dilations: Sequence[int],
     fuse_weight: torch.Tensor,
     fuse_bias: Optional[torch.Tensor],
+    composed: bool = True,
 ) -> torch.Tensor:
     """Local spatial attention A_ls.
 
@@ -117,18 +119,36 @@ def local_spatial_attention(
         dilated_weights: one (C', C', 3, 3) per dilation; dilated_biases: (C',) or None each.
         dilations: e.g. (1, 2, 3).
         fuse_weight: (1, len(dilations) * C', 1, 1); fuse_bias: (1,) or None.
+        composed: run each dilated conv composed with its slice of the fuse (below); False runs
+            the formula as written (C' -> C' branches, concatenation, fuse), as a reference.
     Returns:
         (B, 1, H, W) attention in (0, 1).
     """
     _check_map(features)
     if not (len(dilated_weights) == len(dilated_biases) == len(dilations)) or not dilations:
         raise ValueError("need one dilated conv weight and bias per dilation")
+    reduced_channels = reduce_weight.shape[0]
+    if fuse_weight.shape != (1, len(dilations) * reduced_channels, 1, 1):
+        raise ValueError(
+            f"fuse weight must be (1, {len(dilations) * reduced_channels}, 1, 1), got {tuple(fuse_weight.shape)}"
+        )
     reduced = nnf.conv2d(features, reduce_weight, reduce_bias)
-    branches = [
-        nnf.conv2d(reduced, w, b, padding=d, dilation=d)
-        for w, b, d in zip(dilated_weights, dilated_biases, dilations)
-    ]
-    return torch.sigmoid(nnf.conv2d(torch.cat(branches, dim=1), fuse_weight, fuse_bias))
+    if not composed:
+        branches = [
+            nnf.conv2d(reduced, w, b, padding=d, dilation=d)
+            for w, b, d in zip(dilated_weights, dilated_biases, dilations)
+        ]
+        return torch.sigmoid(nnf.conv2d(torch.cat(branches, dim=1), fuse_weight, fuse_bias))
+    # Nothing non-linear stands between the dilated convs, the concatenation and the 1x1 fuse, so
+    # each branch d composes with its slice of the fuse into one C' -> 1 dilated conv: the same
+    # function (and the same gradients), with 1/C' of the branches' multiply-adds.
+    fuse_slices = fuse_weight.reshape(len(dilations), reduced_channels)
+    logits = fuse_bias.reshape(1, 1, 1, 1) if fuse_bias is not None else 0.0
+    for slice_d, weight_d, bias_d, d in zip(fuse_slices, dilated_weights, dilated_biases, dilations):
+        composed = torch.einsum("o,oikl->ikl", slice_d, weight_d).unsqueeze(0)  # (1, C', 3, 3)
+        composed_bias = None if bias_d is None else (slice_d @ bias_d).reshape(1)
+        logits = logits + nnf.conv2d(reduced, composed, composed_bias, padding=d, dilation=d)
+    return torch.sigmoid(logits)
 
 
 def apply_local_attention(
@@ -151,12 +171,12 @@ def apply_local_attention(
     if channel_attention is not None:
         if channel_attention.shape != (b, c, 1, 1):
             raise ValueError(f"A_lc must be {(b, c, 1, 1)}, got {tuple(channel_attention.shape)}")
-        channel_refined = features * channel_attention + features
+        channel_refined = torch.addcmul(features, features, channel_attention)
     if spatial_attention is None:
         return channel_refined
     if spatial_attention.shape != (b, 1, h, w):
         raise ValueError(f"A_ls must be {(b, 1, h, w)}, got {tuple(spatial_attention.shape)}")
-    return channel_refined * spatial_attention + channel_refined
+    return torch.addcmul(channel_refined, channel_refined, spatial_attention)
 
 
 def global_channel_attention_matrix(query: torch.Tensor, key: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -173,23 +193,73 @@ def global_channel_attention_matrix(query: torch.Tensor, key: torch.Tensor, scal
     return torch.softmax(logits, dim=1)
 
 
+# The series form of the global channel attention (below) is used while its truncation error stays
+# under SERIES_TOLERANCE relative to the softmax's normaliser and it needs at most
+# SERIES_MAX_TERMS terms; otherwise the C x C matrix is formed.
+SERIES_TOLERANCE = 1e-7
+SERIES_MAX_TERMS = 24
+
+
+def series_terms(bound: float, tolerance: float = SERIES_TOLERANCE) -> Optional[int]:
+    """Terms n = 0..T-1 of exp(x) = sum_n x^n / n! that the series form needs for |x| <= bound.
+
+    The truncation error of every term of the softmax sums, relative to the normaliser (at least
+    C exp(-bound)), is below bound^T / T! * exp(2 bound); that is kept under `tolerance`. Returns
+    None when more than SERIES_MAX_TERMS would be needed (then the matrix form is cheaper or safer).
+    """
+    if not math.isfinite(bound):
+        return None
+    error = math.exp(2.0 * bound)
+    for terms in range(1, SERIES_MAX_TERMS + 1):
+        error *= bound / terms
+        if error < tolerance:
+            return terms
+    return None
+
+
 def global_channel_attention(
-    features: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float = 1.0
+    features: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float = 1.0, method: str = "auto"
 ) -> torch.Tensor:
     """Global channel attention output G_c = V_c A_gc with V_c = F.
 
     Args:
         features: F (B, C, H, W), also the value V_c.
         query, key: Q_c, K_c (B, C).
+        method: "auto" (the series form below where it is exact to float precision and cheaper)
+            or "matrix" (A_gc formed and applied, as a reference).
     Returns:
-        G_c (B, C, H, W): G_c[:, j] = sum_i A_gc[i, j] F[:, i]. The C x C matrix is bounded by the
-        channel count, not the image size.
+        G_c (B, C, H, W) in F's memory format: G_c[:, j] = sum_i A_gc[i, j] F[:, i].
+
+    Every logit scale * k_i * q_j is a product of two per-channel scalars, so with
+    exp(x) = sum_n x^n / n! the attention factors through T moments M_n = sum_i k_i^n F[:, i]:
+    G_c[:, j] = sum_n (scale q_j)^n / n! M_n / Z_j. That costs 2 T C HW multiply-adds instead of the
+    matrix form's C^2 HW (the GLAM head's largest cost); T comes from `series_terms` for the largest
+    |logit| (sigmoid gates and scale 1 need 12), so the two forms agree to float precision, and the
+    matrix form is used when the bound is too large for it.
     """
     _check_map(features)
-    if query.shape != features.shape[:2]:
-        raise ValueError(f"Q_c must be {tuple(features.shape[:2])}, got {tuple(query.shape)}")
-    attention = global_channel_attention_matrix(query, key, scale)
-    return torch.einsum("bihw,bij->bjhw", features, attention)
+    if query.shape != features.shape[:2] or key.shape != query.shape:
+        raise ValueError(f"Q_c and K_c must be {tuple(features.shape[:2])}, got {tuple(query.shape)}, {tuple(key.shape)}")
+    if method not in ("auto", "matrix"):
+        raise ValueError(f"method must be 'auto' or 'matrix', got {method!r}")
+    b, c, h, w = features.shape
+    bound = abs(scale) * float(query.detach().abs().max()) * float(key.detach().abs().max())
+    terms = series_terms(bound)
+    if method == "matrix" or terms is None or 2 * terms >= c:
+        attention = global_channel_attention_matrix(query, key, scale)
+        return torch.einsum("bihw,bij->bjhw", features, attention)
+    orders = torch.arange(terms, device=query.device, dtype=query.dtype)
+    key_powers = key.unsqueeze(1) ** orders[None, :, None]  # (B, T, C): k_i^n
+    query_terms = (scale * query).unsqueeze(2) ** orders / torch.exp(torch.lgamma(orders + 1))  # (B, C, T)
+    normaliser = query_terms @ key_powers.sum(dim=2, keepdim=True)  # (B, C, 1): Z_j
+    coefficients = query_terms / normaliser  # (B, C, T)
+    flat = features.flatten(2)  # (B, C, N), a view in either memory format
+    if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
+        moments = flat.transpose(1, 2) @ key_powers.transpose(1, 2)  # (B, N, T)
+        out = (moments @ coefficients.transpose(1, 2)).transpose(1, 2)  # (B, C, N) with C innermost
+    else:
+        out = coefficients @ (key_powers @ flat)  # (B, C, N)
+    return out.reshape(b, c, h, w) if out.is_contiguous() else out.view(b, c, h, w)
 
 
 def global_spatial_attention(
@@ -204,7 +274,7 @@ def global_spatial_attention(
         query, key, value: Q_s, K_s, V_s (B, C', H, W).
         scale: multiplier of the logits (the seed has none: 1.0).
     Returns:
-        (B, C', H, W): output position j = sum_i softmax_i(scale * k_i . q_j) v_i.
+        (B, C', H, W), channels-last: output position j = sum_i softmax_i(scale * k_i . q_j) v_i.
     """
     for name, t in (("Q_s", query), ("K_s", key), ("V_s", value)):
         _check_map(t, name)
@@ -218,7 +288,9 @@ def global_spatial_attention(
     # back to the math path, which materialises the (N, N) matrix.
     as_tokens = lambda t: t.flatten(2).transpose(1, 2).contiguous().unsqueeze(1)  # noqa: E731
     out = nnf.scaled_dot_product_attention(as_tokens(query), as_tokens(key), as_tokens(value), scale=scale)
-    return out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
+    # (B, N, C') tokens are the channels-last layout of (B, C', H, W): returned without a copy, so
+    # the maps that follow keep one memory format.
+    return out.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def apply_global_attention(
@@ -242,7 +314,7 @@ def apply_global_attention(
     channel_refined = features if channel_output is None else features * channel_output
     if spatial_output is None:
         return channel_refined
-    return channel_refined * spatial_output + channel_refined
+    return torch.addcmul(channel_refined, channel_refined, spatial_output)
 
 
 def fusion_weights(logits: torch.Tensor, use_local: bool = True, use_global: bool = True) -> torch.Tensor:
@@ -279,9 +351,9 @@ def fuse_streams(
     if local_stream is None and global_stream is None:
         return features
     weights = fusion_weights(logits, local_stream is not None, global_stream is not None)
-    fused = weights[2] * features
+    fused = features * weights[2]
     if local_stream is not None:
-        fused = fused + weights[0] * local_stream
+        fused = torch.addcmul(fused, local_stream, weights[0])
     if global_stream is not None:
-        fused = fused + weights[1] * global_stream
+        fused = torch.addcmul(fused, global_stream, weights[1])
     return fused

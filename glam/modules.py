@@ -57,8 +57,11 @@ class LocalChannelAttention(nn.Module):
 class LocalSpatialAttention(nn.Module):
     """A_ls: 1x1 reduction to C', dilated 3x3 convs (one per dilation), concat, 1x1 to one map, sigmoid.
 
-    (B, C, H, W) -> (B, 1, H, W).
+    (B, C, H, W) -> (B, 1, H, W). `composed` (default True) runs each dilated conv composed with the
+    1x1 fuse, the same function at a fraction of the cost (see `glam.functional`).
     """
+
+    composed = True
 
     def __init__(self, channels: int, reduced_channels: int = 256, dilations: Sequence[int] = (1, 2, 3)):
         super().__init__()
@@ -83,14 +86,18 @@ class LocalSpatialAttention(nn.Module):
             self.dilations,
             self.fuse.weight,
             self.fuse.bias,
+            composed=self.composed,
         )
 
 
 class GlobalChannelAttention(nn.Module):
     """G_c = V_c A_gc with A_gc = softmax(K_c^T Q_c), Q_c, K_c = sigmoid(Conv1D(GAP(F))), V_c = F.
 
-    (B, C, H, W) -> (B, C, H, W); `attention_matrix` gives A_gc (B, C, C).
+    (B, C, H, W) -> (B, C, H, W); `attention_matrix` gives A_gc (B, C, C). `method` ("auto" or
+    "matrix") chooses how G_c is computed (see `glam.functional.global_channel_attention`).
     """
+
+    method = "auto"
 
     def __init__(self, channels: int, kernel_size: Optional[int] = None, scale: float = 1.0):
         super().__init__()
@@ -107,7 +114,9 @@ class GlobalChannelAttention(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         _check_channels(features, self.channels)
-        return G.global_channel_attention(features, self.query(features), self.key(features), self.scale)
+        return G.global_channel_attention(
+            features, self.query(features), self.key(features), self.scale, method=self.method
+        )
 
 
 class GlobalSpatialAttention(nn.Module):

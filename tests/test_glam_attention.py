@@ -97,6 +97,61 @@ def test_global_channel_attention_matches_explicit_softmax():
     torch.testing.assert_close(G.global_channel_attention(x, q, k), (v @ a).transpose(1, 2).reshape(2, 6, 3, 4))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_series_channel_attention_equals_the_matrix_form_with_its_gradients(channels_last):
+    # Sigmoid gates (the module's Q_c, K_c) and enough channels that the series form is chosen.
+    torch.manual_seed(0)
+    x = torch.randn(2, 96, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    q, k = torch.rand(2, 96), torch.rand(2, 96)
+    bound = float(q.max() * k.max())
+    assert G.series_terms(bound) is not None and 2 * G.series_terms(bound) < 96
+    leaves = [t.clone().requires_grad_(True) for t in (x, q, k)]
+    series = G.global_channel_attention(*leaves)
+    reference = [t.clone().double().requires_grad_(True) for t in (x, q, k)]
+    matrix = G.global_channel_attention(*reference, method="matrix")
+    torch.testing.assert_close(series.double(), matrix, rtol=1e-6, atol=1e-6)
+    assert series.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    weights = torch.randn(series.shape, dtype=torch.float64)
+    (series.double() * weights).sum().backward()
+    (matrix * weights).sum().backward()
+    for mine, exact in zip(leaves, reference):
+        torch.testing.assert_close(mine.grad.double(), exact.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_series_terms_bound_the_truncation_and_large_logits_use_the_matrix():
+    for bound in (0.25, 1.0, 2.0):
+        terms = G.series_terms(bound)
+        truncated = sum(bound ** n / math.factorial(n) for n in range(terms))
+        assert (math.exp(bound) - truncated) / math.exp(-bound) < G.SERIES_TOLERANCE
+    assert G.series_terms(0.5) < G.series_terms(1.0) < G.series_terms(2.0)
+    assert G.series_terms(20.0) is None and G.series_terms(float("inf")) is None
+    torch.manual_seed(0)
+    x, q, k = torch.randn(1, 96, 3, 3), torch.rand(1, 96), torch.rand(1, 96)
+    # scale 40: logits up to ~40, far beyond the series; the matrix form (with its max-subtracted
+    # softmax) is used and stays finite
+    out = G.global_channel_attention(x, q, k, scale=40.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, G.global_channel_attention(x, q, k, scale=40.0, method="matrix"))
+    with pytest.raises(ValueError, match="method"):
+        G.global_channel_attention(x, q, k, method="fast")
+
+
+def test_composed_local_spatial_attention_equals_the_formula_as_written():
+    torch.manual_seed(0)
+    module = LocalSpatialAttention(24, 16, (1, 2, 3))
+    x = torch.randn(2, 24, 9, 11)
+    composed = module(x)
+    grads = torch.autograd.grad(composed.sum(), list(module.parameters()))
+    module.composed = False
+    written = module(x)
+    written_grads = torch.autograd.grad(written.sum(), list(module.parameters()))
+    torch.testing.assert_close(composed, written, rtol=1e-5, atol=1e-6)
+    for mine, exact in zip(grads, written_grads):
+        torch.testing.assert_close(mine, exact, rtol=1e-4, atol=1e-5)
+
+
 def test_global_spatial_attention_matches_materialised_softmax():
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3, 5), torch.randn(2, 3, 3, 5)

@@ -134,8 +134,11 @@ def _ranking_rule(fusion, global_weight: float):
                      f"fusion.Fusion, got {fusion!r}")
 
 
-def _rank_shortlist(ranking, global_scores: np.ndarray, asmk_scores: np.ndarray):
-    """(ranking scores, order) of a shortlist given in global order (see TwoStageIndex.search)."""
+def rank_shortlist(ranking, global_scores: np.ndarray, asmk_scores: np.ndarray):
+    """Stage 2: (ranking scores, order) of a shortlist given in global order.
+
+    ``ranking``: a :class:`fusion.Fusion`, "global", or the ASMK* rule with an optional global
+    weight (see TwoStageIndex.search)."""
     if isinstance(ranking, Fusion):
         scores = ranking(global_scores, asmk_scores)
         return scores, np.argsort(-scores, kind="stable")
@@ -144,6 +147,24 @@ def _rank_shortlist(ranking, global_scores: np.ndarray, asmk_scores: np.ndarray)
     weight = ranking[1] if isinstance(ranking, tuple) else 0.0
     scores = asmk_scores + weight * global_scores if weight else asmk_scores
     return scores, np.lexsort((-global_scores, -scores))
+
+
+def rank_verified(ranking, global_scores: np.ndarray, asmk_scores: np.ndarray, scores: np.ndarray,
+                  order: np.ndarray, inliers: np.ndarray):
+    """Stage 3's ranking: (scores, order) of the shortlist once its top images are verified.
+
+    ``scores``, ``order``: stage 2's (:func:`rank_shortlist`); ``inliers`` (n,): the inlier count
+    of every verified image, -1 where an image was not verified. With a :class:`fusion.Fusion`
+    the inlier counts join as a third stage (0 where not verified); otherwise the verified images
+    (at least one inlier) come first by inlier count, ties and the rest in the stage-2 order, and
+    the scores stay stage 2's."""
+    if isinstance(ranking, Fusion):
+        scores = ranking(global_scores, asmk_scores, np.maximum(inliers, 0))
+        return scores, np.argsort(-scores, kind="stable")    # ties: global order
+    rank = np.empty(order.size, np.int64)
+    rank[order] = np.arange(order.size)
+    verified = inliers > 0
+    return scores, np.lexsort((rank, -np.where(verified, inliers, 0), ~verified))
 
 
 class TwoStageIndex:
@@ -388,7 +409,7 @@ class TwoStageIndex:
         words = self.asmk_index.query_words(local_query) if local_query.shape[0] else None
         asmk_scores = self._asmk_scores(local_query, candidates, words)
         global_scores = global_scores.astype(np.float64)
-        final_scores, order = _rank_shortlist(ranking, global_scores, asmk_scores)
+        final_scores, order = rank_shortlist(ranking, global_scores, asmk_scores)
         end = time.perf_counter()
         inliers = verifications = None
         if verify_top:
@@ -420,14 +441,7 @@ class TwoStageIndex:
             if result is not None:
                 inliers[position] = result.inliers
                 verifications[position] = result
-        if isinstance(ranking, Fusion):
-            final_scores = ranking(global_scores, asmk_scores, np.maximum(inliers, 0))
-            order = np.argsort(-final_scores, kind="stable")    # ties: global order
-        else:   # verified first, by inlier count; ties and the rest keep the stage-2 order
-            rank = np.empty(order.size, np.int64)
-            rank[order] = np.arange(order.size)
-            verified = inliers > 0
-            order = np.lexsort((rank, -np.where(verified, inliers, 0), ~verified))
+        final_scores, order = rank_verified(ranking, global_scores, asmk_scores, final_scores, order, inliers)
         return final_scores, order, inliers, verifications
 
     def _verify_ids(self, local_query, words, stage3, image_ids) -> list:

@@ -30,7 +30,7 @@ fusion (the paper's ablation "baseline + local" / "+ global"), so with all four 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as nnf
@@ -40,6 +40,8 @@ __all__ = [
     "channel_gate",
     "local_channel_attention",
     "local_spatial_attention",
+    "compose_local_spatial",
+    "composed_local_spatial_attention",
     "apply_local_attention",
     "global_channel_attention_matrix",
     "global_channel_attention",
@@ -119,12 +121,27 @@ def local_spatial_attention(
         dilated_weights: one (C', C', 3, 3) per dilation; dilated_biases: (C',) or None each.
         dilations: e.g. (1, 2, 3).
         fuse_weight: (1, len(dilations) * C', 1, 1); fuse_bias: (1,) or None.
-        composed: run each dilated conv composed with its slice of the fuse (below); False runs
-            the formula as written (C' -> C' branches, concatenation, fuse), as a reference.
+        composed: compute it through `compose_local_spatial` (the same function, far cheaper);
+            False runs the formula as written, as a reference.
     Returns:
         (B, 1, H, W) attention in (0, 1).
     """
     _check_map(features)
+    if not composed:
+        _check_local_spatial(reduce_weight, dilated_weights, dilated_biases, dilations, fuse_weight)
+        reduced = nnf.conv2d(features, reduce_weight, reduce_bias)
+        branches = [
+            nnf.conv2d(reduced, w, b, padding=d, dilation=d)
+            for w, b, d in zip(dilated_weights, dilated_biases, dilations)
+        ]
+        return torch.sigmoid(nnf.conv2d(torch.cat(branches, dim=1), fuse_weight, fuse_bias))
+    weights = compose_local_spatial(
+        reduce_weight, reduce_bias, dilated_weights, dilated_biases, dilations, fuse_weight, fuse_bias
+    )
+    return composed_local_spatial_attention(features, weights)
+
+
+def _check_local_spatial(reduce_weight, dilated_weights, dilated_biases, dilations, fuse_weight) -> None:
     if not (len(dilated_weights) == len(dilated_biases) == len(dilations)) or not dilations:
         raise ValueError("need one dilated conv weight and bias per dilation")
     reduced_channels = reduce_weight.shape[0]
@@ -132,23 +149,68 @@ def local_spatial_attention(
         raise ValueError(
             f"fuse weight must be (1, {len(dilations) * reduced_channels}, 1, 1), got {tuple(fuse_weight.shape)}"
         )
-    reduced = nnf.conv2d(features, reduce_weight, reduce_bias)
-    if not composed:
-        branches = [
-            nnf.conv2d(reduced, w, b, padding=d, dilation=d)
-            for w, b, d in zip(dilated_weights, dilated_biases, dilations)
-        ]
-        return torch.sigmoid(nnf.conv2d(torch.cat(branches, dim=1), fuse_weight, fuse_bias))
-    # Nothing non-linear stands between the dilated convs, the concatenation and the 1x1 fuse, so
-    # each branch d composes with its slice of the fuse into one C' -> 1 dilated conv: the same
-    # function (and the same gradients), with 1/C' of the branches' multiply-adds.
+
+
+def compose_local_spatial(
+    reduce_weight: torch.Tensor,
+    reduce_bias: Optional[torch.Tensor],
+    dilated_weights: Sequence[torch.Tensor],
+    dilated_biases: Sequence[Optional[torch.Tensor]],
+    dilations: Sequence[int],
+    fuse_weight: torch.Tensor,
+    fuse_bias: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The local spatial attention's layers composed into one linear filter of F (arguments as in
+    `local_spatial_attention`).
+
+    Nothing non-linear stands between the reduction, the dilated convs, the concatenation and the
+    fuse, so the map before the sigmoid is one linear filter of F. Every tap of every dilated conv
+    (offset (d (k - 1), d (l - 1))) composes with its slice of the fuse and with the reduction into
+    one C-vector; taps at the same offset (the centre) add up. A_ls is then a 1x1 conv C -> P (one
+    channel per distinct offset) and a fixed one-hot conv that shifts every channel by its offset
+    and sums them: the same function and gradients with P / C' of the reduction's multiply-adds.
+    The reduction's bias rides on the P channels, which the shift pads with zeros exactly where the
+    formula pads F', so the borders agree as well.
+
+    Returns:
+        (offset_weight (P, C, 1, 1), offset_bias (P,) or None, bias (), shift (1, P, S, S)).
+    """
+    _check_local_spatial(reduce_weight, dilated_weights, dilated_biases, dilations, fuse_weight)
+    reduced_channels = reduce_weight.shape[0]
+    offsets = sorted({(d * (k - 1), d * (l - 1)) for d in dilations for k in range(3) for l in range(3)})
+    position = {offset: n for n, offset in enumerate(offsets)}
+    tap_index = torch.tensor(
+        [position[(d * (k - 1), d * (l - 1))] for d in dilations for k in range(3) for l in range(3)],
+        device=reduce_weight.device,
+    )
     fuse_slices = fuse_weight.reshape(len(dilations), reduced_channels)
-    logits = fuse_bias.reshape(1, 1, 1, 1) if fuse_bias is not None else 0.0
-    for slice_d, weight_d, bias_d, d in zip(fuse_slices, dilated_weights, dilated_biases, dilations):
-        composed = torch.einsum("o,oikl->ikl", slice_d, weight_d).unsqueeze(0)  # (1, C', 3, 3)
-        composed_bias = None if bias_d is None else (slice_d @ bias_d).reshape(1)
-        logits = logits + nnf.conv2d(reduced, composed, composed_bias, padding=d, dilation=d)
-    return torch.sigmoid(logits)
+    # every tap composed with the fuse: (9 len(dilations), C'), taps ordered (k, l) per dilation
+    taps = torch.cat([
+        (slice_d @ weight_d.reshape(reduced_channels, -1)).reshape(reduced_channels, 9).t()
+        for slice_d, weight_d in zip(fuse_slices, dilated_weights)
+    ])
+    per_offset = taps.new_zeros(len(offsets), reduced_channels).index_add(0, tap_index, taps)  # (P, C')
+    offset_weight = (per_offset @ reduce_weight.reshape(reduced_channels, -1))[:, :, None, None]
+    offset_bias = None if reduce_bias is None else per_offset @ reduce_bias
+    bias = fuse_weight.new_zeros(()) if fuse_bias is None else fuse_bias.reshape(())
+    for slice_d, bias_d in zip(fuse_slices, dilated_biases):
+        if bias_d is not None:
+            bias = bias + slice_d @ bias_d
+    reach = max(dilations)
+    shift = torch.zeros(len(offsets), (2 * reach + 1) ** 2, dtype=reduce_weight.dtype, device=reduce_weight.device)
+    flat_positions = torch.tensor([(reach + dy) * (2 * reach + 1) + reach + dx for dy, dx in offsets],
+                                  device=reduce_weight.device)
+    shift[torch.arange(len(offsets), device=shift.device), flat_positions] = 1.0
+    return offset_weight, offset_bias, bias, shift.reshape(1, len(offsets), 2 * reach + 1, 2 * reach + 1)
+
+
+def composed_local_spatial_attention(features: torch.Tensor, composed: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A_ls (B, 1, H, W) from F (B, C, H, W) and `compose_local_spatial`'s result."""
+    _check_map(features)
+    offset_weight, offset_bias, bias, shift = composed
+    per_offset_maps = nnf.conv2d(features, offset_weight, offset_bias)  # (B, P, H, W)
+    logits = nnf.conv2d(per_offset_maps, shift, padding=shift.shape[-1] // 2)
+    return torch.sigmoid(logits + bias)
 
 
 def apply_local_attention(
@@ -248,11 +310,15 @@ def global_channel_attention(
     if method == "matrix" or terms is None or 2 * terms >= c:
         attention = global_channel_attention_matrix(query, key, scale)
         return torch.einsum("bihw,bij->bjhw", features, attention)
-    orders = torch.arange(terms, device=query.device, dtype=query.dtype)
+    # the (B, C, T) and (B, T, C) factors in at least float32, also under mixed precision
+    precise = torch.promote_types(query.dtype, torch.float32)
+    query, key = query.to(precise), key.to(precise)
+    orders = torch.arange(terms, device=query.device, dtype=precise)
     key_powers = key.unsqueeze(1) ** orders[None, :, None]  # (B, T, C): k_i^n
     query_terms = (scale * query).unsqueeze(2) ** orders / torch.exp(torch.lgamma(orders + 1))  # (B, C, T)
     normaliser = query_terms @ key_powers.sum(dim=2, keepdim=True)  # (B, C, 1): Z_j
-    coefficients = query_terms / normaliser  # (B, C, T)
+    coefficients = (query_terms / normaliser).to(features.dtype)  # (B, C, T)
+    key_powers = key_powers.to(features.dtype)
     flat = features.flatten(2)  # (B, C, N), a view in either memory format
     if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
         moments = flat.transpose(1, 2) @ key_powers.transpose(1, 2)  # (B, N, T)

@@ -74,11 +74,16 @@ class LocalSpatialAttention(nn.Module):
             nn.Conv2d(reduced_channels, reduced_channels, 3, padding=d, dilation=d) for d in self.dilations
         )
         self.fuse = nn.Conv2d(len(self.dilations) * reduced_channels, 1, 1)
+        self._cached_key, self._cached = None, None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         _check_channels(features, self.channels)
-        return G.local_spatial_attention(
-            features,
+        if not self.composed:
+            return G.local_spatial_attention(features, *self._layers(), composed=False)
+        return G.composed_local_spatial_attention(features, self._composition())
+
+    def _layers(self) -> tuple:
+        return (
             self.reduce.weight,
             self.reduce.bias,
             [c.weight for c in self.dilated],
@@ -86,8 +91,19 @@ class LocalSpatialAttention(nn.Module):
             self.dilations,
             self.fuse.weight,
             self.fuse.bias,
-            composed=self.composed,
         )
+
+    def _composition(self) -> tuple:
+        """`G.compose_local_spatial` of the current weights; kept while no gradient is recorded
+        and no parameter changed (inference composes once, training every step)."""
+        if torch.is_grad_enabled():
+            return G.compose_local_spatial(*self._layers())
+        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self.parameters())
+        if self._cached_key != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._cached = G.compose_local_spatial(*self._layers())
+            self._cached_key = key
+        return self._cached
 
 
 class GlobalChannelAttention(nn.Module):

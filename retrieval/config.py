@@ -127,7 +127,7 @@ class SearchConfig:
     global_method: str = "exact"
     fusion: str = "zscore"
     global_weight: float = 1.0
-    asmk_weight: float = 8.0
+    asmk_weight: float = 4.0
     inlier_weight: float = 4.0
     verify_top: int = 100
     verification: VerificationConfig = field(default_factory=VerificationConfig)

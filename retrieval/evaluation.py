@@ -61,7 +61,7 @@ def is_ukbench_layout(gnd: Sequence[dict], query_positions: Sequence[int | None]
     return True
 
 
-def _full_ranking(result_positions: Sequence[int], fallback: np.ndarray, n_database: int
+def full_ranking(result_positions: Sequence[int], fallback: np.ndarray, n_database: int
                   ) -> np.ndarray:
     """The ranked positions followed by ``fallback``'s remaining ones (then any never ranked)."""
     sequence = np.concatenate([np.asarray(result_positions, dtype=np.int64).reshape(-1),
@@ -189,7 +189,7 @@ def evaluate_index(dataset: str | os.PathLike, index: str | os.PathLike | Search
                         k = shortlist if options["mode"] == "two_stage" else n_index
                         result = searcher.search_features(query, k=k, shortlist=shortlist, **options)
                     positions = [id_position[hit.image_id] for hit in result]
-                    rankings[name].append(_full_ranking(positions, fallback, n_database))
+                    rankings[name].append(full_ranking(positions, fallback, n_database))
                     for stage in stage_times[name]:
                         stage_times[name][stage].append(result.timings[stage])
     finally:

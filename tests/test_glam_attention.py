@@ -258,3 +258,36 @@ def test_global_spatial_attention_peak_memory_is_bounded_at_large_maps():
     growth_mb = float(result.stdout.strip().splitlines()[-1])
     n_by_n_mb = 12288 ** 2 * 4 / 2**20
     assert growth_mb < n_by_n_mb / 4, f"peak RSS grew {growth_mb:.0f} MB (N x N would be {n_by_n_mb:.0f} MB)"
+
+
+def test_head_under_bfloat16_autocast_follows_float32():
+    # mixed precision: the series factors stay float32, the products run in bfloat16
+    torch.manual_seed(0)
+    head = GlamHead(64, local_reduced_channels=16, global_reduced_channels=16, fusion_init_logits=(0.0, 0.0, 0.0)).eval()
+    x = torch.rand(1, 64, 9, 7).contiguous(memory_format=torch.channels_last)
+    assert 2 * G.series_terms(1.0) < 64          # the series form of the channel attention runs
+    with torch.inference_mode():
+        exact = head(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = head(x)
+    assert torch.isfinite(mixed).all()
+    torch.testing.assert_close(mixed.float(), exact, rtol=3e-2, atol=3e-2)
+
+
+def test_composed_local_spatial_attention_follows_weight_changes_without_gradients():
+    # without gradients the composition is kept between calls: a changed weight must still count
+    torch.manual_seed(0)
+    module = LocalSpatialAttention(24, 16, (1, 2, 3))
+    x = torch.randn(1, 24, 7, 8)
+    with torch.no_grad():
+        before = module(x)
+        module.reduce.weight.mul_(-2.0)
+        after = module(x)
+    with torch.inference_mode():
+        in_inference = module(x)
+    module.composed = False
+    with torch.no_grad():
+        written = module(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, written, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(in_inference, written, rtol=1e-5, atol=1e-6)

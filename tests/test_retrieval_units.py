@@ -11,7 +11,7 @@ from PIL import Image
 
 from retrieval.config import AsmkConfig, CodebookConfig, ExtractionConfig, SystemConfig
 from retrieval.demo_collection import make_demo_collection, make_view
-from retrieval.evaluation import _full_ranking, is_ukbench_layout
+from retrieval.evaluation import full_ranking, is_ukbench_layout
 from retrieval.html import HtmlResult, render_results_page, write_results_page
 from retrieval.searcher import prepare_query_image
 
@@ -138,7 +138,7 @@ def test_html_page_is_self_contained_with_a_line_per_inlier(tmp_path):
 
 # ----------------------------------------------------------------------------- evaluation
 def test_full_ranking_appends_unranked_images_in_fallback_order():
-    ranking = _full_ranking([3, -1, 1], np.array([1, 0, 4, 2, 3]), 6)
+    ranking = full_ranking([3, -1, 1], np.array([1, 0, 4, 2, 3]), 6)
     assert ranking.tolist() == [3, 1, 0, 4, 2, 5]
 
 

@@ -372,3 +372,27 @@ def test_local_geometry_is_required_exactly_when_features_are_kept(photos):
     with pytest.raises(ValueError, match="query_geometry"):
         kept.search(query.descriptors.mean(0), query.descriptors, verify_top=3,
                     query_geometry=np.zeros((3, 2)))
+
+
+@pytest.mark.parametrize("fusion", [Fusion("zscore", 1.0, 4.0, 4.0), "asmk"])
+def test_ranking_replayed_on_stored_scores_equals_the_search(photos, fusion):
+    # benchmarks/defaults.py scores and verifies each shortlist once, then replays rankings with
+    # rank_shortlist / rank_verified: they must give exactly what the search gives.
+    from asmk_index.two_stage import TwoStageIndex, rank_shortlist, rank_verified
+
+    codebook, query = photos["codebook"], photos["features"][0]
+    index = TwoStageIndex.create(codebook, codebook.dim, local_features=True)
+    add_photos(index, photos, [1, 2, WARPED_ID, *range(4, PHOTOS)])
+    result = verified_search(index, photos, fusion=fusion)
+    shortlist, global_scores = index.global_index.search(query.descriptors.mean(0), 20)
+    asmk_scores = index.asmk_index.score(query.descriptors, shortlist)
+    every = index.verify(query.descriptors, np.column_stack([query.x, query.y, query.scale]), shortlist,
+                         VerificationConfig(model="homography"))
+    scores, order = rank_shortlist(fusion, global_scores.astype(np.float64), np.asarray(asmk_scores, np.float64))
+    inliers = np.full(shortlist.size, -1, np.int64)
+    inliers[order[:8]] = [every[i].inliers for i in order[:8]]
+    scores, order = rank_verified(fusion, global_scores.astype(np.float64), np.asarray(asmk_scores, np.float64),
+                                  scores, order, inliers)
+    assert result.ids[0] == WARPED_ID and {-1, 0} < set(inliers.tolist())   # unverified, rejected, verified
+    np.testing.assert_array_equal(shortlist[order], result.ids)
+    np.testing.assert_array_equal(inliers[order], result.inliers)

@@ -12,6 +12,11 @@ every stage's scores over the shortlist onto a common scale, then sums them with
 - ``"rrf"`` (reciprocal rank fusion, Cormack et al. 2009): ``1 / (rrf_k + rank)`` with ``rank`` = 1 +
   the number of shortlisted images with a strictly higher score (ties share a rank); invariant to
   any strictly increasing map of a stage's scores.
+- ``"adaptive"`` (query-adaptive late fusion, after Zheng et al., CVPR 2015): min-max as above, and
+  each stage's weight divided by the mean of its normalised scores over the shortlist (the area
+  under its sorted score curve). On each query, a stage that singles out a few images (an
+  L-shaped curve) counts more than one that scores the whole shortlist alike, so the weights
+  follow the query instead of one collection.
 
 ``fused = sum_s weight_s * normalised_s``; the shortlist is ranked by it (ties keep the order the
 images came in). With every weight positive, each stage can move a result: raising one image's
@@ -25,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-RULES = ("minmax", "zscore", "rrf")
+RULES = ("minmax", "zscore", "rrf", "adaptive")
 DEFAULT_RRF_K = 60.0            # the constant of Cormack et al.'s reciprocal rank fusion
 
 
@@ -40,7 +45,7 @@ def normalize(scores, rule: str, *, rrf_k: float = DEFAULT_RRF_K) -> np.ndarray:
         raise ValueError("scores: NaN or infinite values cannot be fused")
     if scores.size == 0:
         return scores.copy()
-    if rule == "minmax":
+    if rule in ("minmax", "adaptive"):
         low, span = scores.min(), scores.max() - scores.min()
         return (scores - low) / span if span > 0 else np.zeros_like(scores)
     if rule == "zscore":
@@ -72,7 +77,13 @@ def fuse(stage_scores: Sequence[np.ndarray], weights: Sequence[float], rule: str
     fused = np.zeros(np.shape(stage_scores[0]) if stage_scores else (0,), np.float64)
     for scores, weight in zip(stage_scores, weights):
         if weight:
-            fused += weight * normalize(scores, rule, rrf_k=rrf_k)
+            normalised = normalize(scores, rule, rrf_k=rrf_k)
+            if rule == "adaptive":
+                area = normalised.mean() if normalised.size else 0.0
+                if area == 0:              # every score alike: the stage cannot rank this query
+                    continue
+                weight = weight / area
+            fused += weight * normalised
     return fused
 
 

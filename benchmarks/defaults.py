@@ -89,7 +89,7 @@ CONFIGS: dict[str, dict | str] = {   # overrides of the defaults, or a preset na
     "accurate preset": "accurate",
 }
 # the global weight stays 1: the rules rank by weighted sums, so only the weights' ratios matter
-FUSION_GRID = {"fusion": ["zscore", "minmax"], "asmk_weight": [0.5, 1.0, 2.0, 4.0, 8.0, 16.0],
+FUSION_GRID = {"fusion": ["zscore", "minmax", "adaptive"], "asmk_weight": [0.5, 1.0, 2.0, 4.0, 8.0, 16.0],
                "inlier_weight": [0.5, 1.0, 2.0, 4.0, 8.0, 16.0], "shortlist": [100, 300],
                "verify_top": [20, 100], "expansion": [0, 2]}
 MODEL_FIT_IMAGES = 100        # per dataset, for the one model every setting shares

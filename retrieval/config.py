@@ -110,7 +110,7 @@ class SearchConfig:
     mode: "two_stage" (stage 1 global shortlist, stage 2 ASMK*, stage 3 spatial verification,
         fused), "asmk" (ASMK* over the whole collection) or "global" (global descriptors only).
     shortlist: images stage 1 hands to stages 2 and 3.
-    fusion: how the stages rank the shortlist: "minmax", "zscore" or "rrf" (rules that do not
+    fusion: how the stages rank the shortlist: "adaptive", "minmax", "zscore" or "rrf" (rules that do not
         depend on the scales of the scores, :mod:`asmk_index.fusion`, with the three weights), or
         "asmk" / "global" (one stage decides; verified images first when stage 3 runs).
     global_weight, asmk_weight, inlier_weight: the fusion rule's weights of the global
@@ -125,10 +125,10 @@ class SearchConfig:
     shortlist: int = 300
     mode: str = "two_stage"
     global_method: str = "exact"
-    fusion: str = "zscore"
+    fusion: str = "adaptive"
     global_weight: float = 1.0
-    asmk_weight: float = 4.0
-    inlier_weight: float = 4.0
+    asmk_weight: float = 2.0
+    inlier_weight: float = 1.0
     verify_top: int = 100
     verification: VerificationConfig = field(default_factory=VerificationConfig)
     query_expansion: int = 2

@@ -257,3 +257,17 @@ def test_two_stage_search_expands_the_global_query(small_index):
     plain = index.search(global_query, local_query, k=10, mode="global")
     with_qe = index.search(global_query, local_query, k=10, mode="global", query_expansion=3)
     assert not np.allclose(plain.global_scores, with_qe.global_scores)
+
+
+def test_adaptive_fusion_weighs_each_stage_by_how_few_images_it_singles_out():
+    # 10 shortlisted images; the global stage ramps down evenly (area 0.5), ASMK* singles out
+    # image 6 (area 0.1): per query, ASMK* gets 5x the say of the global stage
+    global_scores = np.linspace(1.0, 0.1, 10)
+    asmk_scores = np.zeros(10)
+    asmk_scores[6] = 0.02
+    ramp = normalize(global_scores, "minmax")
+    fused = fuse([global_scores, asmk_scores], [1.0, 1.0], "adaptive")
+    np.testing.assert_allclose(fused, ramp / 0.5 + (asmk_scores > 0) / 0.1)
+    assert np.argmax(fused) == 6
+    # a stage that scores every image alike cannot rank this query: it is left out, no NaN
+    np.testing.assert_allclose(fuse([global_scores, np.ones(10)], [1.0, 3.0], "adaptive"), ramp / 0.5)

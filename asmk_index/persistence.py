@@ -64,6 +64,7 @@ TEMP_PREFIX = ".tmp-"                    # a version being written, inside TARGE
 LOCK_NAME = ".writer.lock"               # the OS file lock in TARGET (.NAME.writer.lock by a file)
 HOLDER_NAME = ".writer.json"             # the lock holder's record, next to the lock file
 LOCK_POLL_SECONDS = 0.05                 # how often a waiting writer retries the lock
+HOLDER_RECORD_GRACE_SECONDS = 1.0        # a new holder writes its record right after locking
 LOAD_ATTEMPTS = 8                        # loads of a directory that writers keep replacing
 HOLDER_COMMAND_CHARS = 300               # command line kept in the holder record
 _HASH_CHUNK = 1 << 22
@@ -240,13 +241,21 @@ def _acquire_thread_lock(lock: threading.RLock, timeout: float | None) -> bool:
     return lock.acquire(timeout=timeout)
 
 
+def _wait_for_holder(holder_file: Path) -> dict | None:
+    """The holder's record; a holder that has just taken the lock gets a moment to write it."""
+    deadline = time.monotonic() + HOLDER_RECORD_GRACE_SECONDS
+    while (holder := read_holder(holder_file)) is None and time.monotonic() < deadline:
+        time.sleep(LOCK_POLL_SECONDS)
+    return holder
+
+
 def _acquire_file_lock(lock: FileLock, target: Path, holder_file: Path,
                        timeout: float | None) -> None:
     try:
         lock.acquire(timeout=0)
         return
     except Timeout:
-        holder = read_holder(holder_file)
+        holder = _wait_for_holder(holder_file)
     if timeout is not None and timeout <= 0:
         raise WriterLockedError(target, holder, timeout)
     logger.warning("%s is being written by %s; waiting for it to finish", target,

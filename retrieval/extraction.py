@@ -277,8 +277,9 @@ class FeatureStore:
             self.path.unlink()
 
     def read(self, keys: Sequence[str]) -> CollectionFeatures:
-        """The stored features of ``keys`` (every one must be stored)."""
-        with FeatureFile(self.path) as features:
+        """The stored features of ``keys`` (every one must be stored). Waits while another run
+        writes the store (HDF5 refuses to open a file that a writer holds)."""
+        with FileLock(self.directory / ".lock"), FeatureFile(self.path) as features:
             records = [features.get(key) for key in keys]
             dim = features.dim
         if not records:

@@ -175,26 +175,21 @@ def run_config(name: str, overrides: dict, dataset: str, model: Path, out: Path,
     return report
 
 
-def shortlist_records(searcher: Searcher, dataset: str, queries: str, prepared: dict, expansion: int) -> list[dict]:
+def shortlist_records(searcher: Searcher, data, queries: str, prepared: dict, expansion: int) -> list[dict]:
     """Every chosen query's stage-1 shortlist with alpha-QE and alpha-DBA of ``expansion``
     neighbours: its images (dataset positions), global and ASMK* scores, the inlier count of every
     shortlisted image (all verified, so any number of verified images can be replayed), and the
-    whole collection in global order (the evaluation ranks it after the shortlist)."""
-    from imagedata.revisitop import load_revisitop
-    from retrieval.evaluation import query_objects
+    whole collection in global order (the evaluation ranks it after the shortlist). ``data``: the
+    revisitop dataset the index was built from."""
+    from retrieval.evaluation import index_positions, query_split
     from retrieval.extraction import local_geometry
 
-    data = load_revisitop(DATA / dataset)
     two_stage, settings = searcher.index.two_stage, searcher.config.search
-    position_of = {name: position for position, name in enumerate(data.imlist)}
-    position = {int(i): position_of[Path(n).stem] for n, i in zip(searcher.index.names, searcher.index.ids)}
-    objects = query_objects(data.gnd, [position_of.get(name) for name in data.qimlist])
-    chosen = [q for q in prepared if queries == "all" or objects[q] % 2 == (0 if queries == "even" else 1)]
-    to_positions = np.vectorize(position.__getitem__, otypes=[np.int64])
+    to_positions = np.vectorize(index_positions(data, searcher.index).__getitem__, otypes=[np.int64])
     records = []
     two_stage.global_index.use_expansion(dba_neighbors=expansion)
     try:
-        for q in chosen:
+        for q in (q for q in query_split(data, queries) if q in prepared):
             query = prepared[q]
             descriptor = query.global_descriptor
             if expansion:                  # as TwoStageIndex.search expands it
@@ -213,13 +208,12 @@ def shortlist_records(searcher: Searcher, dataset: str, queries: str, prepared: 
     return records
 
 
-def replay_map(records: list[dict], dataset: str, fusion: Fusion | None, shortlist: int, verify_top: int) -> float:
+def replay_map(records: list[dict], data, fusion: Fusion | None, shortlist: int, verify_top: int) -> float:
     """mAP (medium) of the search's ranking replayed on stored records (rank_shortlist and
     rank_verified, as TwoStageIndex.search runs them); ``fusion`` None: the global order."""
-    from imagedata.revisitop import evaluate_revisitop, load_revisitop
+    from imagedata.revisitop import evaluate_revisitop
     from retrieval.evaluation import full_ranking
 
-    data = load_revisitop(DATA / dataset)
     rankings = []
     for record in records:
         images = record["shortlist"][:shortlist]
@@ -242,13 +236,16 @@ def fusion_sweep(indexes: dict[str, Path], queries: str) -> list[dict]:
     query's shortlist is scored and verified once per expansion, then every ranking is replayed
     on the stored scores. Rows are sorted by the sum of the datasets' mAP (each dataset counts in
     mAP points alike); each row also holds the global stage alone with the same expansion."""
-    records = {}
+    from imagedata.revisitop import load_revisitop
+
+    records, datasets = {}, {name: load_revisitop(DATA / name) for name in indexes}
     for dataset, index in indexes.items():
         searcher = Searcher(index)
         prepared = stored_queries(searcher, index.parent.parent / "features", dataset)
-        records[dataset] = {e: shortlist_records(searcher, dataset, queries, prepared, e)
+        records[dataset] = {e: shortlist_records(searcher, datasets[dataset], queries, prepared, e)
                             for e in FUSION_GRID["expansion"]}
-    global_alone = {(dataset, e): replay_map(records[dataset][e], dataset, None, max(FUSION_GRID["shortlist"]), 0)
+    global_alone = {(dataset, e): replay_map(records[dataset][e], datasets[dataset], None,
+                                             max(FUSION_GRID["shortlist"]), 0)
                     for dataset in indexes for e in FUSION_GRID["expansion"]}
     rows = []
     for rule, a, i, shortlist, verify_top, expansion in itertools.product(*FUSION_GRID.values()):
@@ -256,7 +253,7 @@ def fusion_sweep(indexes: dict[str, Path], queries: str) -> list[dict]:
         row = {"fusion": rule, "weights": (1.0, a, i), "shortlist": shortlist, "verify_top": verify_top,
                "expansion": expansion}
         for dataset in indexes:
-            row[dataset] = replay_map(records[dataset][expansion], dataset, fusion, shortlist, verify_top)
+            row[dataset] = replay_map(records[dataset][expansion], datasets[dataset], fusion, shortlist, verify_top)
             row[f"{dataset} global"] = global_alone[(dataset, expansion)]
         rows.append(row)
     return sorted(rows, key=lambda row: -sum(row[dataset] for dataset in indexes))

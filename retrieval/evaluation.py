@@ -62,7 +62,7 @@ def is_ukbench_layout(gnd: Sequence[dict], query_positions: Sequence[int | None]
 
 
 def full_ranking(result_positions: Sequence[int], fallback: np.ndarray, n_database: int
-                  ) -> np.ndarray:
+                 ) -> np.ndarray:
     """The ranked positions followed by ``fallback``'s remaining ones (then any never ranked)."""
     sequence = np.concatenate([np.asarray(result_positions, dtype=np.int64).reshape(-1),
                                np.asarray(fallback, dtype=np.int64).reshape(-1),
@@ -112,6 +112,29 @@ def query_objects(gnd: Sequence[dict], query_positions: Sequence[int | None]) ->
     return [numbers.setdefault(find(("q", query)), len(numbers)) for query in range(len(gnd))]
 
 
+def query_positions_of(data) -> list[int | None]:
+    """Each query's position among the database images of a revisitop dataset (None: not one)."""
+    position_of = {name: position for position, name in enumerate(data.imlist)}
+    return [position_of.get(name) for name in data.qimlist]
+
+
+def query_split(data, queries: str) -> list[int]:
+    """The queries of a revisitop dataset in a split: "all", or "even" / "odd" (those of every
+    other object, :func:`query_objects`)."""
+    if queries not in QUERY_SPLITS:
+        raise ValueError(f"queries must be one of {QUERY_SPLITS}, got {queries!r}")
+    objects = query_objects(data.gnd, query_positions_of(data))
+    return [q for q in range(len(data.qimlist))
+            if queries == "all" or objects[q] % 2 == (0 if queries == "even" else 1)]
+
+
+def index_positions(data, index) -> dict[int, int]:
+    """Image id of a retrieval index -> its position among the dataset's database images (-1:
+    not one of them)."""
+    position_of = {name: position for position, name in enumerate(data.imlist)}
+    return {int(image_id): position_of.get(_stem(name), -1) for name, image_id in zip(index.names, index.ids)}
+
+
 def _variant_options(name: str, settings) -> dict:
     """Searcher.search_features options of a variant (see :data:`VARIANTS`)."""
     options = dict(VARIANTS[name])
@@ -139,25 +162,18 @@ def evaluate_index(dataset: str | os.PathLike, index: str | os.PathLike | Search
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    if queries not in QUERY_SPLITS:
-        raise ValueError(f"queries must be one of {QUERY_SPLITS}, got {queries!r}")
     data = load_revisitop(dataset)
     searcher = index if isinstance(index, Searcher) else get_searcher(index)
     settings = searcher.config.search
     shortlist = int(shortlist or settings.shortlist)
-    position_of = {name: position for position, name in enumerate(data.imlist)}
-    id_position = {}
-    for name, image_id in zip(searcher.index.names, searcher.index.ids):
-        id_position[int(image_id)] = position_of.get(_stem(name), -1)
+    id_position = index_positions(data, searcher.index)
     missing = len(data.imlist) - sum(1 for p in id_position.values() if p >= 0)
     if missing:
         logger.warning("%d of the dataset's %d database images are not in the index (they rank "
                        "last)", missing, len(data.imlist))
     n_database, n_index = len(data.imlist), len(searcher.index)
-    all_positions = [position_of.get(name) for name in data.qimlist]
-    objects = query_objects(data.gnd, all_positions)
-    chosen = [q for q in range(len(data.qimlist))
-              if queries == "all" or objects[q] % 2 == (0 if queries == "even" else 1)]
+    all_positions = query_positions_of(data)
+    chosen = query_split(data, queries)
     chosen = chosen[:max_queries] if max_queries is not None else chosen
     cache = prepared if prepared is not None else {}
     iterator = [q for q in chosen if q not in cache]
@@ -249,4 +265,4 @@ def format_evaluation(report: dict) -> str:
 
 
 __all__ = ["evaluate_index", "format_evaluation", "is_ukbench_layout", "directory_bytes", "query_objects",
-           "VARIANTS", "QUERY_SPLITS"]
+           "query_split", "query_positions_of", "index_positions", "full_ranking", "VARIANTS", "QUERY_SPLITS"]

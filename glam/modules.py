@@ -57,8 +57,9 @@ class LocalChannelAttention(nn.Module):
 class LocalSpatialAttention(nn.Module):
     """A_ls: 1x1 reduction to C', dilated 3x3 convs (one per dilation), concat, 1x1 to one map, sigmoid.
 
-    (B, C, H, W) -> (B, 1, H, W). `composed` (default True) runs each dilated conv composed with the
-    1x1 fuse, the same function at a fraction of the cost (see `glam.functional`).
+    (B, C, H, W) -> (B, 1, H, W). `composed` (default True) runs the reduction, the dilated convs and
+    the fuse composed into one linear filter, the same function at a fraction of the cost
+    (`glam.functional.compose_local_spatial`); False runs the formula as written.
     """
 
     composed = True

@@ -43,6 +43,7 @@ from .network import RetrievalNet
 logger = logging.getLogger(__name__)
 
 FEATURES_FILE = "features.h5"
+STORE_LOCK_FILE = ".lock"     # held by a run writing the store and by a reader (HDF5 locks writers' files)
 GLOBAL_FIELD = "global"
 
 
@@ -228,6 +229,7 @@ class FeatureStore:
         self.settings = config.feature_settings()
         self.directory = self.root / f"{model_hash[:16]}-{settings_hash(self.settings)[:12]}"
         self.path = self.directory / FEATURES_FILE
+        self.lock = FileLock(self.directory / STORE_LOCK_FILE)
 
     @property
     def attributes(self) -> dict:
@@ -251,7 +253,7 @@ class FeatureStore:
             return run
         net = prepare_network(net, config)
         self.directory.mkdir(parents=True, exist_ok=True)
-        with FileLock(self.directory / ".lock"):  # another run on this store: wait for it
+        with self.lock:  # another run on this store: wait for it
             self._discard_if_unreadable()
             report = extract_to_file(
                 [path for _, path in unique], BatchExtractor(net, config), self.path, kind="local",
@@ -279,7 +281,7 @@ class FeatureStore:
     def read(self, keys: Sequence[str]) -> CollectionFeatures:
         """The stored features of ``keys`` (every one must be stored). Waits while another run
         writes the store (HDF5 refuses to open a file that a writer holds)."""
-        with FileLock(self.directory / ".lock"), FeatureFile(self.path) as features:
+        with self.lock, FeatureFile(self.path) as features:
             records = [features.get(key) for key in keys]
             dim = features.dim
         if not records:

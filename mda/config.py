@@ -87,6 +87,8 @@ class ExtractionConfig:
         head recorded); False = rank every (head, location) value, so one location can be kept
         once per head (the paper's literal "rank all heads' attention values together").
     min_feature_side: a scale whose feature map would be smaller than this on a side is skipped.
+    border_cells: feature-map cells closer than this to the map's edge are not selected (their
+        receptive fields run into the zero padding, and such cells of unrelated images look alike).
     """
 
     scales: tuple[float, ...] = DEFAULT_SCALES
@@ -94,6 +96,7 @@ class ExtractionConfig:
     top_n: int = 1000
     unique_locations: bool = True
     min_feature_side: int = 1
+    border_cells: int = 0
 
     def __post_init__(self) -> None:
         self.scales = tuple(float(s) for s in self.scales)
@@ -101,6 +104,8 @@ class ExtractionConfig:
             raise ValueError(f"ExtractionConfig.scales must be positive numbers, got {self.scales}")
         if self.top_n < 1:
             raise ValueError(f"ExtractionConfig.top_n must be >= 1, got {self.top_n}")
+        if self.border_cells < 0:
+            raise ValueError(f"ExtractionConfig.border_cells must be >= 0, got {self.border_cells}")
         if self.max_size is not None and self.max_size < 1:
             raise ValueError(f"ExtractionConfig.max_size must be >= 1 or None, got {self.max_size}")
 

@@ -165,7 +165,8 @@ def local_features_from_levels(levels: Sequence[PyramidLevel], *, stride: int, c
         raise ValueError("no pyramid level to select local features from")
     orig_h, orig_w = image_size
     chosen = MF.select_top_locations([level.attention for level in levels], config.top_n,
-                                     unique_locations=config.unique_locations)
+                                     unique_locations=config.unique_locations,
+                                     border_cells=config.border_cells)
     count = chosen.score.numel()
     first = levels[0].local
     descriptors = torch.empty(count, first.shape[0], device=first.device, dtype=torch.float32)

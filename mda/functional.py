@@ -157,18 +157,36 @@ class Selection:
     x: torch.Tensor        # int64 column
 
 
-def select_top_locations(attention: Sequence[torch.Tensor], n: int, *, unique_locations: bool = True) -> Selection:
+MARGIN_SIDE_FRACTION = 4     # a border margin takes at most 1/4 of a map side's cells
+
+
+def interior_mask(height: int, width: int, border_cells: int, device=None) -> torch.Tensor:
+    """(H, W) bool: the cells at least ``border_cells`` cells from every edge of an H x W map. On
+    a small map the margin shrinks to at most a quarter of the side's cells (rounded down, of
+    side - 1), so at least about half of every side stays."""
+    margin_y = min(border_cells, (height - 1) // MARGIN_SIDE_FRACTION)
+    margin_x = min(border_cells, (width - 1) // MARGIN_SIDE_FRACTION)
+    mask = torch.zeros(height, width, dtype=torch.bool, device=device)
+    mask[margin_y:height - margin_y, margin_x:width - margin_x] = True
+    return mask
+
+
+def select_top_locations(attention: Sequence[torch.Tensor], n: int, *, unique_locations: bool = True,
+                         border_cells: int = 0) -> Selection:
     """Top-n (head, location) pairs over every scale, ranked by attention.
 
     attention: one (N, H_s, W_s) map per scale (sizes may differ). With ``unique_locations`` a
     location is scored by its strongest head (and that head is recorded), so each location is kept
     at most once; without it every head's value competes separately (a location can be kept once
-    per head). Ties are broken by scale, then head, then row-major position (stable).
+    per head). Locations closer than ``border_cells`` cells to a map's edge are not candidates
+    (:func:`interior_mask`). Ties are broken by scale, then head, then row-major position (stable).
     """
     if len(attention) == 0:
         raise ValueError("select_top_locations: no attention maps")
     if n < 1:
         raise ValueError(f"select_top_locations: n must be >= 1, got {n}")
+    if border_cells < 0:
+        raise ValueError(f"select_top_locations: border_cells must be >= 0, got {border_cells}")
     scores, scale_index, heads, ys, xs = [], [], [], [], []
     for index, maps in enumerate(attention):
         _check(maps, 3, f"attention[{index}]", "(N, H, W)")
@@ -182,6 +200,9 @@ def select_top_locations(attention: Sequence[torch.Tensor], n: int, *, unique_lo
             value = maps.reshape(-1)
             flat = torch.arange(num_heads * height * width, device=device)
             head, position = flat // (height * width), flat % (height * width)
+        if border_cells:
+            inside = interior_mask(height, width, border_cells, device).reshape(-1)[position]
+            value, head, position = value[inside], head[inside], position[inside]
         scores.append(value)
         heads.append(head)
         ys.append(position // width)

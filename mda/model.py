@@ -100,12 +100,14 @@ class MultipleDynamicAttention(nn.Module):
         return int(self.reduction.out_channels)
 
     @torch.no_grad()
-    def reduction_samples(self, backbone_maps: list[torch.Tensor], count: int) -> torch.Tensor:
+    def reduction_samples(self, backbone_maps: list[torch.Tensor], count: int, *,
+                          border_cells: int = 0) -> torch.Tensor:
         """The ``count`` most attended pre-reduction features of one image, (M, C_s) float32 on
-        the CPU, from its backbone maps at every pyramid scale (each (1, C_s, h, w))."""
+        the CPU, from its backbone maps at every pyramid scale (each (1, C_s, h, w)), away from
+        the maps' edges as the extraction selects them (``border_cells``)."""
         maps = [self.attention(backbone_map)[0] for backbone_map in backbone_maps]
         features = [self.pre_reduction(backbone_map)[0] for backbone_map in backbone_maps]
-        chosen = MF.select_top_locations(maps, count)
+        chosen = MF.select_top_locations(maps, count, border_cells=border_cells)
         samples = []
         for index in chosen.scale_index.unique().tolist():
             mask = chosen.scale_index == index

@@ -43,6 +43,9 @@ class ExtractionConfig:
     max_size: longest image side in pixels after loading (images are never upscaled).
     scales: image pyramid scales for the multi-scale extraction.
     top_n: local features kept per image (top attention over all scales).
+    border_cells: local features are not taken from feature-map cells closer than this to the
+        map's edge (at most a quarter of a small map's side): cells whose receptive field runs
+        into the zero padding match across unrelated images.
     device: "auto" (cuda when present, else cpu), "cpu", "cuda" or "cuda:N".
     precision: "float32", or "mixed": bfloat16 autocast on CPUs with native bfloat16
         (AVX512-BF16 / AMX; float32 elsewhere), float16 autocast on CUDA.
@@ -53,6 +56,7 @@ class ExtractionConfig:
     max_size: int = 512
     scales: tuple[float, ...] = (1.414, 1.0, 0.7071)
     top_n: int = 500
+    border_cells: int = 2
     device: str = "auto"
     precision: str = "float32"
     channels_last: bool = True
@@ -65,12 +69,14 @@ class ExtractionConfig:
             raise ValueError("extraction.batch_size, top_n and max_size must be >= 1")
         if not self.scales or any(scale <= 0 for scale in self.scales):
             raise ValueError(f"extraction.scales must be positive numbers, got {self.scales}")
+        if self.border_cells < 0:
+            raise ValueError(f"extraction.border_cells must be >= 0, got {self.border_cells}")
 
     def feature_settings(self) -> dict:
         """What the features depend on (not where or how fast they are computed): the key of a
         feature store together with the model's hash."""
         return {"max_size": self.max_size, "scales": [float(s) for s in self.scales],
-                "top_n": self.top_n, "precision": self.precision}
+                "top_n": self.top_n, "border_cells": self.border_cells, "precision": self.precision}
 
 
 @dataclass
@@ -101,6 +107,9 @@ AsmkConfig = AsmkParams
 
 
 FUSIONS = FUSION_RULES + ("asmk", "global")
+# the search's inlier threshold: the fusion weighs inlier counts, so it only drops fits too small to
+# mean anything (VerificationConfig's own default is the stricter threshold of a yes / no answer)
+FUSED_MIN_INLIERS = 5
 
 
 @dataclass
@@ -125,12 +134,13 @@ class SearchConfig:
     shortlist: int = 300
     mode: str = "two_stage"
     global_method: str = "exact"
-    fusion: str = "adaptive"
+    fusion: str = "zscore"
     global_weight: float = 1.0
-    asmk_weight: float = 2.0
-    inlier_weight: float = 1.0
+    asmk_weight: float = 4.0
+    inlier_weight: float = 8.0
     verify_top: int = 100
-    verification: VerificationConfig = field(default_factory=VerificationConfig)
+    verification: VerificationConfig = field(
+        default_factory=lambda: VerificationConfig(min_inliers=FUSED_MIN_INLIERS))
     query_expansion: int = 2
     qe_alpha: float = 3.0
     dba_neighbors: int = 2

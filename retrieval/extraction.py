@@ -131,7 +131,8 @@ def extract_image(net: RetrievalNet, image: np.ndarray, config: ExtractionConfig
 
 def _local_selection_config(config: ExtractionConfig):
     from mda.config import ExtractionConfig as LocalSelection
-    return LocalSelection(scales=tuple(config.scales), max_size=config.max_size, top_n=config.top_n)
+    return LocalSelection(scales=tuple(config.scales), max_size=config.max_size, top_n=config.top_n,
+                          border_cells=config.border_cells)
 
 
 class BatchExtractor:

@@ -129,14 +129,15 @@ class ModelBundle:
 def new_fitted_network(config: SystemConfig, fit_images: Sequence[np.ndarray]) -> RetrievalNet:
     """A new model of ``config.network`` (packaged ImageNet weights) whose MDA reduction and GLAM
     FC are PCA-whitenings learned from ``fit_images`` ((H, W, 3) uint8 at most ``max_size``), over
-    the extraction's pyramid scales."""
+    the extraction's pyramid scales and from the cells it selects features from."""
     if not fit_images:
         raise ValueError("no images to initialise the model from (all failed to load?)")
     net = RetrievalNet(config.network)
     extraction = config.extraction
     logger.info("learning the MDA reduction and the GLAM whitening from %d images", len(fit_images))
     net.fit_to_images((image_to_tensor(image).unsqueeze(0) for image in fit_images),
-                      scales=tuple(extraction.scales), features_per_image=extraction.top_n)
+                      scales=tuple(extraction.scales), features_per_image=extraction.top_n,
+                      border_cells=extraction.border_cells)
     return net
 
 

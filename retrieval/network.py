@@ -168,12 +168,13 @@ class RetrievalNet(nn.Module):
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
     def fit_to_images(self, images: Iterable[torch.Tensor], *, scales: tuple[float, ...],
-                      features_per_image: int) -> int:
+                      features_per_image: int, border_cells: int = 0) -> int:
         """Learn the MDA reduction (PCA-whitening of the most attended pre-reduction features) and
         the GLAM FC (PCA-whitening of the pooled descriptors at every scale) from the user's own
         images, one backbone forward per image and scale (as HOW initialises its reduction).
 
         images: (1, 3, H, W) float tensors in [0, 1] (already at the extraction's max size).
+        ``border_cells``: as the extraction's (the reduction learns from the cells it selects).
         Returns the number of images used.
         """
         from mda.extract import pyramid
@@ -191,7 +192,8 @@ class RetrievalNet(nn.Module):
                         local_maps.append(local_map)
                     pooled.append(self.global_head.pooled(taps[self.config.global_tap]).float().cpu())
                 if local_maps:
-                    local_samples.append(self.local_head.reduction_samples(local_maps, features_per_image))
+                    local_samples.append(self.local_head.reduction_samples(local_maps, features_per_image,
+                                                                               border_cells=border_cells))
                 used += 1
         finally:
             self.train(was_training)

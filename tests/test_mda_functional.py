@@ -113,3 +113,25 @@ def test_select_top_locations_exact_points():
     # n larger than the number of locations: all of them
     assert MF.select_top_locations([scale0], 100).score.numel() == 12
     assert MF.select_top_locations([scale0], 100, unique_locations=False).score.numel() == 24
+
+
+def test_select_top_locations_skips_border_cells():
+    attention = torch.zeros(2, 5, 6)
+    attention[0, 0, 3] = 9.0       # top row: a border cell
+    attention[1, 2, 5] = 8.0       # right column: a border cell
+    attention[0, 2, 2] = 5.0       # interior
+    attention[1, 1, 4] = 4.0       # interior (one cell in)
+    chosen = MF.select_top_locations([attention], 2, border_cells=1)
+    assert chosen.score.tolist() == [5.0, 4.0]
+    assert chosen.y.tolist() == [2, 1] and chosen.x.tolist() == [2, 4] and chosen.head.tolist() == [0, 1]
+    assert MF.select_top_locations([attention], 100, border_cells=1).score.numel() == 3 * 4
+    per_head = MF.select_top_locations([attention], 100, unique_locations=False, border_cells=1)
+    assert per_head.score.numel() == 2 * 3 * 4 and per_head.score[0] == 5.0
+    # the margin takes at most a quarter of a side's cells (of side - 1, rounded down)
+    assert MF.interior_mask(9, 13, 2).sum().item() == (9 - 4) * (13 - 4)
+    assert MF.interior_mask(8, 13, 2).sum().item() == (8 - 2) * (13 - 4)
+    assert MF.interior_mask(4, 3, 5).sum().item() == 4 * 3
+    assert MF.interior_mask(1, 1, 3).tolist() == [[True]]
+    assert MF.select_top_locations([attention], 100, border_cells=2).score.numel() == 3 * 4
+    with pytest.raises(ValueError, match="border_cells"):
+        MF.select_top_locations([attention], 2, border_cells=-1)

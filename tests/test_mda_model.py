@@ -120,6 +120,16 @@ def test_top_n_selects_crafted_blobs_with_exact_coordinates():
     np.testing.assert_allclose(features.y, [12.0, 36.0, 52.0])
     np.testing.assert_allclose(features.attention, [1.0, 200 / 255, 150 / 255], rtol=1e-4)
     np.testing.assert_array_equal(features.scale, [1.0, 1.0, 1.0])
+    # border_cells 1: the blob in the edge column (col 0) is not selected, nor any edge cell
+    inner = ExtractionConfig(scales=(1.0,), max_size=None, top_n=3, border_cells=1)
+    features = extract_local_features(model, image, config=inner)
+    np.testing.assert_allclose(features.x[:2], [20.0, 76.0])
+    assert features.attention[2] < 150 / 255
+    everything = extract_local_features(model, image, config=ExtractionConfig(
+        scales=(1.0,), max_size=None, top_n=1000, border_cells=1))
+    assert len(everything) == (8 - 2) * (12 - 2)
+    assert everything.x.min() == 12.0 and everything.x.max() == 84.0
+    assert everything.y.min() == 12.0 and everything.y.max() == 52.0
 
 
 def test_selected_point_follows_a_moving_blob_in_original_pixels():

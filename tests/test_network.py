@@ -82,7 +82,8 @@ def test_resnet_carries_both_heads_on_layer3_and_layer4():
 def test_one_pass_features_equal_the_two_pass_path(net, photos):
     mda, glam = two_pass_models(net.to(memory_format=torch.contiguous_format))
     contiguous = ExtractionConfig(**{**SETTINGS.__dict__, "channels_last": False})
-    local_config = LocalExtraction(scales=SETTINGS.scales, max_size=SETTINGS.max_size, top_n=SETTINGS.top_n)
+    local_config = LocalExtraction(scales=SETTINGS.scales, max_size=SETTINGS.max_size, top_n=SETTINGS.top_n,
+                                   border_cells=SETTINGS.border_cells)
     global_config = GlobalExtraction(scales=SETTINGS.scales, max_size=SETTINGS.max_size)
     for photo in photos:
         one = extract_image(net, photo, contiguous)

@@ -86,12 +86,16 @@ CONFIGS: dict[str, dict | str] = {   # overrides of the defaults, or a preset na
     "top-n 500, 2000 per word": _with(extraction={"top_n": 500}, codebook={"size": 65536,
                                                                           "min_descriptors_per_word": 2000}),
     "fast preset": "fast",            # the presets as they ship (retrieval/presets/*.yaml)
+    "border 0 cells": {"extraction": {"border_cells": 0}},     # these four: the defaults but one key
+    "border 1 cell": {"extraction": {"border_cells": 1}},
+    "border 2 cells": {"extraction": {"border_cells": 2}},
+    "border 3 cells": {"extraction": {"border_cells": 3}},
     "accurate preset": "accurate",
 }
 # the global weight stays 1: the rules rank by weighted sums, so only the weights' ratios matter
 FUSION_GRID = {"fusion": ["zscore", "minmax", "adaptive"], "asmk_weight": [0.5, 1.0, 2.0, 4.0, 8.0, 16.0],
                "inlier_weight": [0.5, 1.0, 2.0, 4.0, 8.0, 16.0], "shortlist": [100, 300],
-               "verify_top": [20, 100], "expansion": [0, 2]}
+               "verify_top": [20, 100], "expansion": [0, 2], "min_inliers": [5, 8, 13]}
 MODEL_FIT_IMAGES = 100        # per dataset, for the one model every setting shares
 EXTRACTION_SAMPLE = 12        # photos timed per setting
 
@@ -177,14 +181,18 @@ def run_config(name: str, overrides: dict, dataset: str, model: Path, out: Path,
 
 def shortlist_records(searcher: Searcher, data, queries: str, prepared: dict, expansion: int) -> list[dict]:
     """Every chosen query's stage-1 shortlist with alpha-QE and alpha-DBA of ``expansion``
-    neighbours: its images (dataset positions), global and ASMK* scores, the inlier count of every
-    shortlisted image (all verified, so any number of verified images can be replayed), and the
+    neighbours: its images (dataset positions), global and ASMK* scores, the raw inlier count of
+    every shortlisted image (all verified with min_inliers 1, so any number of verified images and
+    any inlier threshold can be replayed: the fit does not depend on the threshold), and the
     whole collection in global order (the evaluation ranks it after the shortlist). ``data``: the
     revisitop dataset the index was built from."""
+    from dataclasses import replace
+
     from retrieval.evaluation import index_positions, query_split
     from retrieval.extraction import local_geometry
 
     two_stage, settings = searcher.index.two_stage, searcher.config.search
+    every_fit = replace(settings.verification, min_inliers=1)
     to_positions = np.vectorize(index_positions(data, searcher.index).__getitem__, otypes=[np.int64])
     records = []
     two_stage.global_index.use_expansion(dba_neighbors=expansion)
@@ -199,7 +207,7 @@ def shortlist_records(searcher: Searcher, data, queries: str, prepared: dict, ex
                 descriptor, max(FUSION_GRID["shortlist"]), query_expansion=0)
             asmk_scores = two_stage.asmk_index.score(query.local.descriptors, shortlist)
             verified = two_stage.verify(query.local.descriptors, local_geometry(query.local), shortlist,
-                                        settings.verification)
+                                        every_fit)
             records.append({"query": q, "shortlist": to_positions(shortlist), "fallback": to_positions(everything),
                             "global": global_scores.astype(np.float64), "asmk": np.asarray(asmk_scores, np.float64),
                             "inliers": np.array([-1 if v is None else v.inliers for v in verified], np.int64)})
@@ -208,9 +216,11 @@ def shortlist_records(searcher: Searcher, data, queries: str, prepared: dict, ex
     return records
 
 
-def replay_map(records: list[dict], data, fusion: Fusion | None, shortlist: int, verify_top: int) -> float:
+def replay_map(records: list[dict], data, fusion: Fusion | None, shortlist: int, verify_top: int,
+               min_inliers: int = 1) -> float:
     """mAP (medium) of the search's ranking replayed on stored records (rank_shortlist and
-    rank_verified, as TwoStageIndex.search runs them); ``fusion`` None: the global order."""
+    rank_verified, as TwoStageIndex.search runs them, an image with fewer than ``min_inliers``
+    inliers not verified); ``fusion`` None: the global order."""
     from imagedata.revisitop import evaluate_revisitop
     from retrieval.evaluation import full_ranking
 
@@ -223,7 +233,8 @@ def replay_map(records: list[dict], data, fusion: Fusion | None, shortlist: int,
             scores, order = rank_shortlist(fusion, g, a)
             if verify_top:
                 inliers = np.full(images.size, -1, np.int64)
-                inliers[order[:verify_top]] = verified[order[:verify_top]]
+                top = verified[order[:verify_top]]
+                inliers[order[:verify_top]] = np.where(top >= min_inliers, top, 0)
                 scores, order = rank_verified(fusion, g, a, scores, order, inliers)
         rankings.append(full_ranking(images[order], record["fallback"], len(data.imlist)))
     gnd = [data.gnd[record["query"]] for record in records]
@@ -232,7 +243,7 @@ def replay_map(records: list[dict], data, fusion: Fusion | None, shortlist: int,
 
 def fusion_sweep(indexes: dict[str, Path], queries: str) -> list[dict]:
     """mAP of every ranking of the shortlist (:data:`FUSION_GRID`: rule, weights, shortlist size,
-    images verified, alpha-QE / DBA neighbours) on each dataset, without rebuilding anything: each
+    images verified, alpha-QE / DBA neighbours, inlier threshold) on each dataset, without rebuilding anything: each
     query's shortlist is scored and verified once per expansion, then every ranking is replayed
     on the stored scores. Rows are sorted by the sum of the datasets' mAP (each dataset counts in
     mAP points alike); each row also holds the global stage alone with the same expansion."""
@@ -248,12 +259,13 @@ def fusion_sweep(indexes: dict[str, Path], queries: str) -> list[dict]:
                                              max(FUSION_GRID["shortlist"]), 0)
                     for dataset in indexes for e in FUSION_GRID["expansion"]}
     rows = []
-    for rule, a, i, shortlist, verify_top, expansion in itertools.product(*FUSION_GRID.values()):
+    for rule, a, i, shortlist, verify_top, expansion, min_inliers in itertools.product(*FUSION_GRID.values()):
         fusion = Fusion(rule, 1.0, a, i)
         row = {"fusion": rule, "weights": (1.0, a, i), "shortlist": shortlist, "verify_top": verify_top,
-               "expansion": expansion}
+               "expansion": expansion, "min_inliers": min_inliers}
         for dataset in indexes:
-            row[dataset] = replay_map(records[dataset][expansion], datasets[dataset], fusion, shortlist, verify_top)
+            row[dataset] = replay_map(records[dataset][expansion], datasets[dataset], fusion, shortlist,
+                                      verify_top, min_inliers)
             row[f"{dataset} global"] = global_alone[(dataset, expansion)]
         rows.append(row)
     return sorted(rows, key=lambda row: -sum(row[dataset] for dataset in indexes))
@@ -290,7 +302,8 @@ def main(argv=None) -> int:
               f"same QE / DBA:")
         for row in rows[:15]:
             print(f"  {row['fusion']:<7} g/a/i {'/'.join(f'{w:g}' for w in row['weights'])}, shortlist "
-                  f"{row['shortlist']}, verify top {row['verify_top']}, QE/DBA {row['expansion']}: "
+                  f"{row['shortlist']}, verify top {row['verify_top']} (min {row['min_inliers']} inliers), "
+                  f"QE/DBA {row['expansion']}: "
                   + ", ".join(f"{d} {row[d]:.2f} ({row[d + ' global']:.2f})" for d in args.datasets))
         (args.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     return 0

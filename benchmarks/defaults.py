@@ -13,7 +13,7 @@ evaluate.py's variants on the ``--queries`` split (default "even": every other o
 the half settings are chosen on; "odd" is the other half, for reporting), plus the median
 extraction time per image and the index size per image. ``--fusion`` then sweeps the ranking of
 the shortlist on the first configuration given (:data:`FUSION_GRID`: fusion rule and weights,
-shortlist size, verified images R, alpha-QE / DBA neighbours, all jointly) without rebuilding
+shortlist size, verified images R, alpha-QE / DBA neighbours, inlier threshold, all jointly) without rebuilding
 anything: each query's shortlist is scored and verified once per expansion and every ranking is
 replayed on those scores, exactly as the search ranks them. The rows are sorted by the sum of the
 datasets' mAP; the default search is the top row of

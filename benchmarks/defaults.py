@@ -202,9 +202,9 @@ def shortlist_records(searcher: Searcher, data, queries: str, prepared: dict, ex
             descriptor = query.global_descriptor
             if expansion:                  # as TwoStageIndex.search expands it
                 descriptor = two_stage.global_index.expand_query(descriptor, expansion, settings.qe_alpha)
-            everything, _ = two_stage.global_index.search(descriptor, len(searcher.index), query_expansion=0)
-            shortlist, global_scores = two_stage.global_index.search(
-                descriptor, max(FUSION_GRID["shortlist"]), query_expansion=0)
+            everything, scores = two_stage.global_index.search(descriptor, len(searcher.index), query_expansion=0)
+            longest = max(FUSION_GRID["shortlist"])
+            shortlist, global_scores = everything[:longest], scores[:longest]
             asmk_scores = two_stage.asmk_index.score(query.local.descriptors, shortlist)
             verified = two_stage.verify(query.local.descriptors, local_geometry(query.local), shortlist,
                                         every_fit)

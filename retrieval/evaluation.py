@@ -112,9 +112,14 @@ def query_objects(gnd: Sequence[dict], query_positions: Sequence[int | None]) ->
     return [numbers.setdefault(find(("q", query)), len(numbers)) for query in range(len(gnd))]
 
 
+def _database_positions(data) -> dict[str, int]:
+    """Image name -> its position among the database images of a revisitop dataset."""
+    return {name: position for position, name in enumerate(data.imlist)}
+
+
 def query_positions_of(data) -> list[int | None]:
     """Each query's position among the database images of a revisitop dataset (None: not one)."""
-    position_of = {name: position for position, name in enumerate(data.imlist)}
+    position_of = _database_positions(data)
     return [position_of.get(name) for name in data.qimlist]
 
 
@@ -131,7 +136,7 @@ def query_split(data, queries: str) -> list[int]:
 def index_positions(data, index) -> dict[int, int]:
     """Image id of a retrieval index -> its position among the dataset's database images (-1:
     not one of them)."""
-    position_of = {name: position for position, name in enumerate(data.imlist)}
+    position_of = _database_positions(data)
     return {int(image_id): position_of.get(_stem(name), -1) for name, image_id in zip(index.names, index.ids)}
 
 

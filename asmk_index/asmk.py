@@ -109,6 +109,7 @@ class AsmkIndex:
         self._sorted_positions = None
         self._idf = None
         self._inv_sqrt_norm = None
+        self._log_idf = None
 
     def _lookup_order(self) -> tuple[np.ndarray, np.ndarray]:
         if self._sorted_ids is None:
@@ -122,9 +123,8 @@ class AsmkIndex:
             n_docs = len(self)
             idf = np.ones(self.codebook.size, dtype=np.float64)
             if self.params.use_idf:
-                df = ivf.document_frequencies(self._segments, self.codebook.size)
-                present = df > 0
-                idf[present] = np.log(n_docs / df[present]) ** 2
+                present = ivf.document_frequencies(self._segments, self.codebook.size) > 0
+                idf[present] = self.inverse_document_frequency()[present] ** 2
                 norm = ivf.weight_sum_per_document(self._segments, n_docs, idf)
             else:
                 norm = ivf.vectors_per_document(self._segments, n_docs).astype(np.float64)
@@ -135,6 +135,18 @@ class AsmkIndex:
             self._inv_sqrt_norm = inv_sqrt_norm
             self._idf = idf
         return self._idf, self._inv_sqrt_norm
+
+    def inverse_document_frequency(self) -> np.ndarray:
+        """(K,) float64 ``log(n_images / df_w)`` of every word (``df_w``: indexed images holding
+        word w; 0 for words no image holds), from the current counts. ASMK*'s idf (``use_idf``) is
+        its square; spatial verification can weigh inliers by it."""
+        if self._log_idf is None:
+            df = ivf.document_frequencies(self._segments, self.codebook.size)
+            log_idf = np.zeros(self.codebook.size, dtype=np.float64)
+            present = df > 0
+            log_idf[present] = np.log(len(self) / df[present])
+            self._log_idf = log_idf
+        return self._log_idf
 
     def _doc_positions(self, image_ids: np.ndarray) -> np.ndarray:
         """Internal document index of every id; KeyError naming the unknown ones."""

@@ -25,10 +25,11 @@ Options of "two_stage" (:meth:`TwoStageIndex.search`):
   depend on the scales of the scores (:mod:`fusion`), ties keep the global order.
 - ``verify_top=R`` (stage 3, needs an index created with ``local_features=True`` and the query's
   ``query_geometry``): the top R of that ranking are spatially verified (:mod:`verification`)
-  against their stored local features (:mod:`local_store`). With a fusion rule the inlier count
-  joins it as a third stage over the whole shortlist (an image not verified counts 0 inliers);
-  otherwise the verified images (at least ``min_inliers`` inliers) of the top R come first, by
-  inlier count (ties keep the stage-2 order), then every other image in the stage-2 order, and
+  against their stored local features (:mod:`local_store`). Each verified image scores its
+  inliers (their count, or their words' summed idf: ``VerificationConfig.inlier_weighting``). With
+  a fusion rule that score joins the ranking as a third stage over the whole shortlist (an image
+  not verified scores 0); otherwise the verified images (at least ``min_inliers`` inliers) of the
+  top R come first, by inlier score (ties keep the stage-2 order), then every other image in the stage-2 order, and
   ``scores`` keep the stage-2 values. ``SearchResult.inliers`` and ``.verifications`` (inlier
   coordinates in both images, for drawing) come with each result.
 - ``query_expansion`` / ``qe_alpha``: alpha-QE of the global query for stage 1 (also in "global"
@@ -150,21 +151,22 @@ def rank_shortlist(ranking, global_scores: np.ndarray, asmk_scores: np.ndarray):
 
 
 def rank_verified(ranking, global_scores: np.ndarray, asmk_scores: np.ndarray, scores: np.ndarray,
-                  order: np.ndarray, inliers: np.ndarray):
+                  order: np.ndarray, inlier_scores: np.ndarray):
     """Stage 3's ranking: (scores, order) of the shortlist once its top images are verified.
 
-    ``scores``, ``order``: stage 2's (:func:`rank_shortlist`); ``inliers`` (n,): the inlier count
-    of every verified image, -1 where an image was not verified. With a :class:`fusion.Fusion`
-    the inlier counts join as a third stage (0 where not verified); otherwise the verified images
-    (at least one inlier) come first by inlier count, ties and the rest in the stage-2 order, and
-    the scores stay stage 2's."""
+    ``scores``, ``order``: stage 2's (:func:`rank_shortlist`); ``inlier_scores`` (n,): the score
+    of every verified image (``VerificationResult.score``: the count or the inliers' summed idf
+    weights), -1 where an image was not verified. With a :class:`fusion.Fusion` the inlier scores
+    join as a third stage (0 where not verified); otherwise the verified images (a positive score)
+    come first by inlier score, ties and the rest in the stage-2 order, and the scores stay
+    stage 2's."""
     if isinstance(ranking, Fusion):
-        scores = ranking(global_scores, asmk_scores, np.maximum(inliers, 0))
+        scores = ranking(global_scores, asmk_scores, np.maximum(inlier_scores, 0))
         return scores, np.argsort(-scores, kind="stable")    # ties: global order
     rank = np.empty(order.size, np.int64)
     rank[order] = np.arange(order.size)
-    verified = inliers > 0
-    return scores, np.lexsort((rank, -np.where(verified, inliers, 0), ~verified))
+    verified = inlier_scores > 0
+    return scores, np.lexsort((rank, -np.where(verified, inlier_scores, 0), ~verified))
 
 
 class TwoStageIndex:
@@ -430,18 +432,22 @@ class TwoStageIndex:
     def _verify_and_rerank(self, stage3, candidates, global_scores, asmk_scores, final_scores,
                            order, ranking, local_query, words, verify_top):
         """Stage 3 on the top ``verify_top`` of ``order``; returns (scores, order, inliers (n,)
-        -1 where not verified, verifications (n,) list) over the shortlist positions.
-        ``words``: the query's stage-2 words (nearest first), None for an empty query."""
+        -1 where not verified, verifications (n,) list) over the shortlist positions; the ranking
+        uses the results' inlier scores. ``words``: the query's stage-2 words (nearest first),
+        None for an empty query."""
         top = order[:verify_top]
         results = self._verify_ids(local_query, words, stage3, candidates[top])
         inliers = np.full(candidates.size, -1, np.int64)
         inliers[top] = 0
+        inlier_scores = inliers.astype(np.float64)
         verifications: list = [None] * candidates.size
         for position, result in zip(top, results):
             if result is not None:
                 inliers[position] = result.inliers
+                inlier_scores[position] = result.score
                 verifications[position] = result
-        final_scores, order = rank_verified(ranking, global_scores, asmk_scores, final_scores, order, inliers)
+        final_scores, order = rank_verified(ranking, global_scores, asmk_scores, final_scores, order,
+                                            inlier_scores)
         return final_scores, order, inliers, verifications
 
     def _verify_ids(self, local_query, words, stage3, image_ids) -> list:
@@ -456,7 +462,9 @@ class TwoStageIndex:
         words = np.ascontiguousarray(words[:, :assignment])
         query = QueryFeatures.from_descriptors(local_query, words, codebook.centroids, query_xy)
         has_features = self.local_store.contains(image_ids)
-        results = iter(verify_images(query, [self.local_store.get(i) for i in image_ids[has_features]], config))
+        idf = None if config.inlier_weighting == "count" else self.asmk_index.inverse_document_frequency()
+        results = iter(verify_images(query, [self.local_store.get(i) for i in image_ids[has_features]],
+                                     config, idf))
         return [next(results) if known else None for known in has_features]
 
     def verify(self, local_query, query_geometry, image_ids, verification=None) -> list:

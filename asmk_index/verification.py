@@ -24,6 +24,12 @@ The model maps query pixels to database pixels; an inlier's reprojection error i
 image is at most ``threshold_px`` (original image pixels). An image is verified when at least
 ``min_inliers`` correspondences are inliers; otherwise its result has 0 inliers and no model.
 
+A verified image's ``score`` sums its inliers' weights (``inlier_weighting``): 1 each ("count"),
+or the idf ``log(n_images / df_w)`` of the database feature's visual word ("idf") or its square
+("squared_idf", the idf of ASMK*), as Philbin et al. (CVPR 2007) score spatially verified images by
+the idf of their inlier words. Inliers on words that most images hold (walls, sky, shelf edges)
+then count little, those on the rare words of one object much.
+
 Defaults (:class:`VerificationConfig`) were chosen on ukbench-dev only (grocery-dev was not used):
 400 real 320x240 photos, untrained MDA heads with a PCA-whitened reduction, scales 1, 0.71, 0.5,
 545 features per photo, a 1024-word codebook; benchmarks/verification.py on 1200 true and 1200
@@ -51,6 +57,9 @@ MODELS = ("affine", "homography")
 ESTIMATORS = {"magsac": cv2.USAC_MAGSAC, "accurate": cv2.USAC_ACCURATE, "usac": cv2.USAC_DEFAULT,
               "ransac": cv2.RANSAC}
 MIN_CORRESPONDENCES = {"affine": 3, "homography": 4}   # points a model needs
+# what one inlier adds to a verified image's score: the power of its word's idf (0: 1 each)
+IDF_POWER = {"count": 0, "idf": 1, "squared_idf": 2}
+INLIER_WEIGHTINGS = tuple(IDF_POWER)
 AFFINE_REFINE_ITERATIONS = 10                          # Levenberg-Marquardt steps after RANSAC
 
 
@@ -65,6 +74,8 @@ class VerificationConfig:
     model: "affine" (6 dof) or "homography" (8 dof), query pixels -> database pixels.
     threshold_px: reprojection error (database image pixels) of an inlier.
     min_inliers: fewer inliers than this: the image is not verified (0 inliers).
+    inlier_weighting: one of ``INLIER_WEIGHTINGS``, what each inlier adds to the image's score
+        (see the module docstring; "idf" and "squared_idf" need the index's idf).
     estimator: one of ``ESTIMATORS`` (OpenCV method).
     max_iterations, confidence: the estimator's iteration cap and stopping confidence.
     """
@@ -75,6 +86,7 @@ class VerificationConfig:
     model: str = "affine"
     threshold_px: float = 24.0
     min_inliers: int = 13
+    inlier_weighting: str = "count"
     estimator: str = "ransac"
     max_iterations: int = 1000
     confidence: float = 0.99
@@ -82,6 +94,9 @@ class VerificationConfig:
     def __post_init__(self):
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.inlier_weighting not in INLIER_WEIGHTINGS:
+            raise ValueError(f"inlier_weighting must be one of {INLIER_WEIGHTINGS}, got "
+                             f"{self.inlier_weighting!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {tuple(ESTIMATORS)}, got "
                              f"{self.estimator!r}")
@@ -106,6 +121,8 @@ class VerificationResult:
         order); query_xy, db_xy: (inliers, 2) float32 their pixel positions in each image.
     model: (3, 3) float64 query -> database transform, or None when not verified.
     tentative: number of tentative correspondences the fit started from.
+    score: the inliers' summed weights (``inlier_weighting``; the count unless weighed by
+        :func:`weigh_inliers`), 0 when not verified.
     """
 
     inliers: int
@@ -114,6 +131,7 @@ class VerificationResult:
     db_xy: np.ndarray
     model: np.ndarray | None
     tentative: int = 0
+    score: float = 0.0
 
     @classmethod
     def rejected(cls, tentative: int = 0) -> "VerificationResult":
@@ -275,15 +293,43 @@ def _fit(query_xy: np.ndarray, db_xy: np.ndarray, pairs: np.ndarray,
         return VerificationResult.rejected(tentative)
     chosen = pairs[inlier]
     return VerificationResult(int(inlier.sum()), chosen, source[inlier], target[inlier],
-                              np.asarray(matrix, np.float64), tentative)
+                              np.asarray(matrix, np.float64), tentative, float(inlier.sum()))
+
+
+# --------------------------------------------------------------------- scores
+def inlier_word_weights(idf: np.ndarray | None, weighting: str) -> np.ndarray | None:
+    """What an inlier on each visual word adds to a score under ``weighting`` (one of
+    ``INLIER_WEIGHTINGS``): None for "count" (1 each), else ``idf`` (K,) (the index's
+    ``log(n_images / df_w)``, e.g. ``AsmkIndex.inverse_document_frequency()``) to the power."""
+    if weighting not in IDF_POWER:
+        raise ValueError(f"inlier_weighting must be one of {INLIER_WEIGHTINGS}, got {weighting!r}")
+    if IDF_POWER[weighting] == 0:
+        return None
+    if idf is None:
+        raise ValueError(f"inlier_weighting {weighting!r} needs the index's idf of every word")
+    return np.asarray(idf, np.float64) ** IDF_POWER[weighting]
+
+
+def weigh_inliers(result: VerificationResult, image_words: np.ndarray,
+                  word_weights: np.ndarray | None) -> VerificationResult:
+    """``result`` with ``score`` = the summed ``word_weights`` (K,) of its inliers' database words
+    (``image_words`` (m,): the word of each of the image's stored features); ``word_weights``
+    None: the inlier count."""
+    if word_weights is None or not result.verified:
+        return replace(result, score=float(result.inliers))
+    words = np.asarray(image_words)[result.pairs[:, 1]]
+    return replace(result, score=float(word_weights[words].sum()))
 
 
 def verify_images(query: QueryFeatures, images, config: VerificationConfig | None = None,
-                  ) -> list[VerificationResult]:
+                  idf: np.ndarray | None = None) -> list[VerificationResult]:
     """Verify one prepared query against several images' stored features
-    (:class:`local_store.ImageFeatures`, e.g. ``store.get(id)``): one result per image, in order.
-    Matching runs once over all images' features; the fit runs per image."""
+    (:class:`local_store.ImageFeatures`, e.g. ``store.get(id)``): one result per image, in order,
+    scored by ``config.inlier_weighting`` (``idf`` (K,): the index's, see
+    :func:`inlier_word_weights`). Matching runs once over all images' features; the fit runs per
+    image."""
     config = config or VerificationConfig()
+    word_weights = inlier_word_weights(idf, config.inlier_weighting)
     images = list(images)
     if not images:
         return []
@@ -299,9 +345,11 @@ def verify_images(query: QueryFeatures, images, config: VerificationConfig | Non
     for number, image in enumerate(images):
         part = slice(cuts[number], cuts[number + 1])
         pairs = np.stack([query_feature[part], db_row[part] - bounds[number]], axis=1)
-        results.append(_fit(query.xy, np.asarray(image.xy), pairs, config))
+        result = _fit(query.xy, np.asarray(image.xy), pairs, config)
+        results.append(result if word_weights is None else weigh_inliers(result, image.words, word_weights))
     return results
 
 
-__all__ = ["ESTIMATORS", "MODELS", "QueryFeatures", "VerificationConfig", "VerificationResult",
-           "hamming_distances", "tentative_matches", "verify", "verify_images"]
+__all__ = ["ESTIMATORS", "INLIER_WEIGHTINGS", "MODELS", "QueryFeatures", "VerificationConfig",
+           "VerificationResult", "hamming_distances", "inlier_word_weights", "tentative_matches",
+           "verify", "verify_images", "weigh_inliers"]

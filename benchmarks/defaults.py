@@ -13,11 +13,12 @@ evaluate.py's variants on the ``--queries`` split (default "even": every other o
 the half settings are chosen on; "odd" is the other half, for reporting), plus the median
 extraction time per image and the index size per image. ``--fusion`` then sweeps the ranking of
 the shortlist on the first configuration given (:data:`FUSION_GRID`: fusion rule and weights,
-shortlist size, verified images R, alpha-QE / DBA neighbours, inlier threshold, all jointly) without rebuilding
+shortlist size, verified images R, alpha-QE / DBA neighbours, inlier threshold and weighting, all jointly) without rebuilding
 anything: each query's shortlist is scored and verified once per expansion and every ranking is
 replayed on those scores, exactly as the search ranks them. The rows are sorted by the sum of the
-datasets' mAP; the default search is the top row of
-``--configs "fast preset" --fusion`` on the even queries. Tables are printed and written to
+datasets' mAP; the default search is the top row of ``--configs "fast preset" --fusion`` on the
+even queries among those that count inliers alike (the idf weightings topped it there but lost
+ukbench-dev's odd queries, see the README). Tables are printed and written to
 OUT/results.json.
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ from retrieval.models import new_fitted_network  # noqa: E402
 from retrieval.searcher import Searcher  # noqa: E402
 from asmk_index.fusion import Fusion  # noqa: E402
 from asmk_index.two_stage import rank_shortlist, rank_verified  # noqa: E402
+from asmk_index.verification import INLIER_WEIGHTINGS, inlier_word_weights, weigh_inliers  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 # the settings every configuration changes one thing of (pinned, not the defaults they chose)
@@ -95,7 +97,8 @@ CONFIGS: dict[str, dict | str] = {   # overrides of the defaults, or a preset na
 # the global weight stays 1: the rules rank by weighted sums, so only the weights' ratios matter
 FUSION_GRID = {"fusion": ["zscore", "minmax", "adaptive"], "asmk_weight": [0.5, 1.0, 2.0, 4.0, 8.0, 16.0],
                "inlier_weight": [0.5, 1.0, 2.0, 4.0, 8.0, 16.0], "shortlist": [100, 300],
-               "verify_top": [20, 100], "expansion": [0, 2], "min_inliers": [5, 8, 13]}
+               "verify_top": [20, 100], "expansion": [0, 2], "min_inliers": [5, 8, 13],
+               "inlier_weighting": list(INLIER_WEIGHTINGS)}
 MODEL_FIT_IMAGES = 100        # per dataset, for the one model every setting shares
 EXTRACTION_SAMPLE = 12        # photos timed per setting
 
@@ -181,9 +184,10 @@ def run_config(name: str, overrides: dict, dataset: str, model: Path, out: Path,
 
 def shortlist_records(searcher: Searcher, data, queries: str, prepared: dict, expansion: int) -> list[dict]:
     """Every chosen query's stage-1 shortlist with alpha-QE and alpha-DBA of ``expansion``
-    neighbours: its images (dataset positions), global and ASMK* scores, the raw inlier count of
-    every shortlisted image (all verified with min_inliers 1, so any number of verified images and
-    any inlier threshold can be replayed: the fit does not depend on the threshold), and the
+    neighbours: its images (dataset positions), global and ASMK* scores, the raw inlier count and
+    the inlier score under every weighting of every shortlisted image (all verified with
+    min_inliers 1, so any number of verified images, inlier threshold and weighting can be
+    replayed: the fit depends on none of them), and the
     whole collection in global order (the evaluation ranks it after the shortlist). ``data``: the
     revisitop dataset the index was built from."""
     from dataclasses import replace
@@ -192,7 +196,9 @@ def shortlist_records(searcher: Searcher, data, queries: str, prepared: dict, ex
     from retrieval.extraction import local_geometry
 
     two_stage, settings = searcher.index.two_stage, searcher.config.search
-    every_fit = replace(settings.verification, min_inliers=1)
+    every_fit = replace(settings.verification, min_inliers=1, inlier_weighting="count")
+    word_weights = {weighting: inlier_word_weights(two_stage.asmk_index.inverse_document_frequency(), weighting)
+                    for weighting in INLIER_WEIGHTINGS}
     to_positions = np.vectorize(index_positions(data, searcher.index).__getitem__, otypes=[np.int64])
     records = []
     two_stage.global_index.use_expansion(dba_neighbors=expansion)
@@ -210,17 +216,21 @@ def shortlist_records(searcher: Searcher, data, queries: str, prepared: dict, ex
                                         every_fit)
             records.append({"query": q, "shortlist": to_positions(shortlist), "fallback": to_positions(everything),
                             "global": global_scores.astype(np.float64), "asmk": np.asarray(asmk_scores, np.float64),
-                            "inliers": np.array([-1 if v is None else v.inliers for v in verified], np.int64)})
+                            "inliers": np.array([-1 if v is None else v.inliers for v in verified], np.int64),
+                            "inlier_scores": {weighting: np.array(
+                                [-1.0 if v is None else weigh_inliers(v, two_stage.local_store.get(i).words, weights).score
+                                 for v, i in zip(verified, shortlist)]) for weighting, weights in word_weights.items()}})
     finally:
         two_stage.global_index.use_expansion(dba_neighbors=settings.dba_neighbors)
     return records
 
 
 def replay_map(records: list[dict], data, fusion: Fusion | None, shortlist: int, verify_top: int,
-               min_inliers: int = 1) -> float:
+               min_inliers: int = 1, inlier_weighting: str = "count") -> float:
     """mAP (medium) of the search's ranking replayed on stored records (rank_shortlist and
     rank_verified, as TwoStageIndex.search runs them, an image with fewer than ``min_inliers``
-    inliers not verified); ``fusion`` None: the global order."""
+    inliers not verified, a verified one scored by ``inlier_weighting``); ``fusion`` None: the
+    global order."""
     from imagedata.revisitop import evaluate_revisitop
     from retrieval.evaluation import full_ranking
 
@@ -229,13 +239,14 @@ def replay_map(records: list[dict], data, fusion: Fusion | None, shortlist: int,
         images = record["shortlist"][:shortlist]
         order = np.arange(images.size)
         if fusion is not None:
-            g, a, verified = record["global"][:shortlist], record["asmk"][:shortlist], record["inliers"][:shortlist]
+            g, a = record["global"][:shortlist], record["asmk"][:shortlist]
             scores, order = rank_shortlist(fusion, g, a)
             if verify_top:
-                inliers = np.full(images.size, -1, np.int64)
-                top = verified[order[:verify_top]]
-                inliers[order[:verify_top]] = np.where(top >= min_inliers, top, 0)
-                scores, order = rank_verified(fusion, g, a, scores, order, inliers)
+                top = order[:verify_top]
+                inlier_scores = np.full(images.size, -1.0)
+                inlier_scores[top] = np.where(record["inliers"][top] >= min_inliers,
+                                              record["inlier_scores"][inlier_weighting][top], 0.0)
+                scores, order = rank_verified(fusion, g, a, scores, order, inlier_scores)
         rankings.append(full_ranking(images[order], record["fallback"], len(data.imlist)))
     gnd = [data.gnd[record["query"]] for record in records]
     return evaluate_revisitop(np.stack(rankings), gnd, query_major=True)["mAP"]["medium"]
@@ -243,7 +254,7 @@ def replay_map(records: list[dict], data, fusion: Fusion | None, shortlist: int,
 
 def fusion_sweep(indexes: dict[str, Path], queries: str) -> list[dict]:
     """mAP of every ranking of the shortlist (:data:`FUSION_GRID`: rule, weights, shortlist size,
-    images verified, alpha-QE / DBA neighbours, inlier threshold) on each dataset, without rebuilding anything: each
+    images verified, alpha-QE / DBA neighbours, inlier threshold and weighting) on each dataset, without rebuilding anything: each
     query's shortlist is scored and verified once per expansion, then every ranking is replayed
     on the stored scores. Rows are sorted by the sum of the datasets' mAP (each dataset counts in
     mAP points alike); each row also holds the global stage alone with the same expansion."""
@@ -259,13 +270,14 @@ def fusion_sweep(indexes: dict[str, Path], queries: str) -> list[dict]:
                                              max(FUSION_GRID["shortlist"]), 0)
                     for dataset in indexes for e in FUSION_GRID["expansion"]}
     rows = []
-    for rule, a, i, shortlist, verify_top, expansion, min_inliers in itertools.product(*FUSION_GRID.values()):
+    for rule, a, i, shortlist, verify_top, expansion, min_inliers, weighting in itertools.product(
+            *FUSION_GRID.values()):
         fusion = Fusion(rule, 1.0, a, i)
         row = {"fusion": rule, "weights": (1.0, a, i), "shortlist": shortlist, "verify_top": verify_top,
-               "expansion": expansion, "min_inliers": min_inliers}
+               "expansion": expansion, "min_inliers": min_inliers, "inlier_weighting": weighting}
         for dataset in indexes:
             row[dataset] = replay_map(records[dataset][expansion], datasets[dataset], fusion, shortlist,
-                                      verify_top, min_inliers)
+                                      verify_top, min_inliers, weighting)
             row[f"{dataset} global"] = global_alone[(dataset, expansion)]
         rows.append(row)
     return sorted(rows, key=lambda row: -sum(row[dataset] for dataset in indexes))
@@ -302,7 +314,8 @@ def main(argv=None) -> int:
               f"same QE / DBA:")
         for row in rows[:15]:
             print(f"  {row['fusion']:<7} g/a/i {'/'.join(f'{w:g}' for w in row['weights'])}, shortlist "
-                  f"{row['shortlist']}, verify top {row['verify_top']} (min {row['min_inliers']} inliers), "
+                  f"{row['shortlist']}, verify top {row['verify_top']} (min {row['min_inliers']} inliers, "
+                  f"{row['inlier_weighting']}), "
                   f"QE/DBA {row['expansion']}: "
                   + ", ".join(f"{d} {row[d]:.2f} ({row[d + ' global']:.2f})" for d in args.datasets))
         (args.out / "results.json").write_text(json.dumps(results, indent=2, default=float))

@@ -190,6 +190,25 @@ def test_remove_with_idf_matches_rebuilt_index(dataset):
     assert len(index) == 0 and index.search(query, 5)[0].size == 0
 
 
+def test_inverse_document_frequency_counts_images_per_word(dataset):
+    # log(n_images / df_w) over the images' distinct words, recomputed after a remove
+    codebook, descriptors, ids = dataset
+    index = AsmkIndex(codebook)
+    index.add(descriptors, ids)
+
+    def expected(keep):
+        words = codebook.quantize(descriptors[keep], 1)[:, 0]
+        pairs = np.unique(np.column_stack([ids[keep], words]), axis=0)
+        df = np.bincount(pairs[:, 1], minlength=codebook.size)
+        n_images = np.unique(ids[keep]).size
+        return np.where(df > 0, np.log(n_images / np.maximum(df, 1)), 0.0)
+
+    np.testing.assert_allclose(index.inverse_document_frequency(), expected(np.ones(ids.size, bool)))
+    removed = np.unique(ids)[::3]
+    index.remove(removed)
+    np.testing.assert_allclose(index.inverse_document_frequency(), expected(~np.isin(ids, removed)))
+
+
 def test_state_queries(built):
     index, descriptors, ids = built
     unique = np.unique(ids)

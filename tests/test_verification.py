@@ -10,7 +10,7 @@ from asmk_index.codebook import Codebook
 from asmk_index.fusion import Fusion
 from asmk_index.local_store import ImageFeatures, binary_signatures
 from asmk_index.verification import (QueryFeatures, VerificationConfig, hamming_distances,
-                                     tentative_matches, verify, verify_images)
+                                     tentative_matches, verify, verify_images, weigh_inliers)
 
 BYTES = 4                                 # 32-bit signatures in the synthetic tests
 
@@ -163,6 +163,41 @@ def test_verify_images_matches_per_image_verification():
     assert verify_images(query, [], config) == []
 
 
+def test_inliers_are_weighed_by_the_idf_of_their_words():
+    # image 0 holds 40 of the query's features, all on word 0, which every indexed image holds
+    # (idf 0); image 1 holds 20, on rare words (idf 2). Counted, image 0 scores higher; weighed by
+    # idf or its square, image 1 does, and image 0 scores nothing.
+    rng = np.random.default_rng(7)
+    centroids = rng.standard_normal((6, 32)).astype(np.float32)
+    idf = np.array([0.0, 2.0, 2.0, 2.0, 2.0, 2.0])
+    matrix = np.array([[0.9, 0.1, 15], [-0.1, 0.9, 8], [0, 0, 1]])
+    descriptors = rng.standard_normal((60, 32)).astype(np.float32)
+    words = np.concatenate([np.zeros(40, np.int64), rng.integers(1, 6, 20)])
+    xy = rng.uniform(0, 300, (60, 2)).astype(np.float32)
+    images = []
+    for rows in (np.arange(40), np.arange(40, 60)):
+        order = rows[np.argsort(words[rows], kind="stable")]
+        images.append(ImageFeatures(words[order].astype(np.int32),
+                                    binary_signatures(descriptors[order], words[order], centroids),
+                                    project(matrix, xy[order]).astype(np.float32),
+                                    np.ones(order.size, np.float32)))
+    query = QueryFeatures.from_descriptors(descriptors, words, centroids, xy)
+    scores = {}
+    for weighting, power in (("count", 0), ("idf", 1), ("squared_idf", 2)):
+        results = verify_images(query, images, VerificationConfig(inlier_weighting=weighting,
+                                                                  threshold_px=2), idf)
+        assert [r.inliers for r in results] == [40, 20]
+        for image, result in zip(images, results):
+            assert result.score == pytest.approx((idf[image.words[result.pairs[:, 1]]] ** power).sum())
+        scores[weighting] = [r.score for r in results]
+    assert scores == {"count": [40, 20], "idf": [0, 40], "squared_idf": [0, 80]}
+    assert weigh_inliers(results[1], images[1].words, None).score == 20
+    with pytest.raises(ValueError, match="needs the index's idf"):
+        verify_images(query, images, VerificationConfig(inlier_weighting="idf"))
+    with pytest.raises(ValueError, match="inlier_weighting"):
+        VerificationConfig(inlier_weighting="tf-idf")
+
+
 # ---------------------------------------------------------------------- real photos
 PHOTOS = 12                    # ukbench00000-11: objects 0, 1, 2 (four views each)
 MAX_SIZE = 320
@@ -269,12 +304,13 @@ def add_photos(index, photos, numbers, ids=None):
                                              for f in features]))
 
 
-def verified_search(index, photos, **options):
+def verified_search(index, photos, weighting="count", **options):
     query = photos["features"][0]
     return index.search(query.descriptors.mean(0), query.descriptors, k=20, shortlist=20,
                         verify_top=8, query_geometry=np.column_stack([query.x, query.y,
                                                                       query.scale]),
-                        verification=VerificationConfig(model="homography"), **options)
+                        verification=VerificationConfig(model="homography",
+                                                        inlier_weighting=weighting), **options)
 
 
 def check_inliers(index, result, query):
@@ -374,8 +410,9 @@ def test_local_geometry_is_required_exactly_when_features_are_kept(photos):
                     query_geometry=np.zeros((3, 2)))
 
 
-@pytest.mark.parametrize("fusion", [Fusion("zscore", 1.0, 4.0, 4.0), "asmk"])
-def test_ranking_replayed_on_stored_scores_equals_the_search(photos, fusion):
+@pytest.mark.parametrize("fusion,weighting", [(Fusion("zscore", 1.0, 4.0, 4.0), "count"), ("asmk", "count"),
+                                              (Fusion("zscore", 1.0, 4.0, 4.0), "squared_idf")])
+def test_ranking_replayed_on_stored_scores_equals_the_search(photos, fusion, weighting):
     # benchmarks/defaults.py scores and verifies each shortlist once, then replays rankings with
     # rank_shortlist / rank_verified: they must give exactly what the search gives.
     from asmk_index.two_stage import TwoStageIndex, rank_shortlist, rank_verified
@@ -383,16 +420,25 @@ def test_ranking_replayed_on_stored_scores_equals_the_search(photos, fusion):
     codebook, query = photos["codebook"], photos["features"][0]
     index = TwoStageIndex.create(codebook, codebook.dim, local_features=True)
     add_photos(index, photos, [1, 2, WARPED_ID, *range(4, PHOTOS)])
-    result = verified_search(index, photos, fusion=fusion)
+    result = verified_search(index, photos, weighting, fusion=fusion)
     shortlist, global_scores = index.global_index.search(query.descriptors.mean(0), 20)
     asmk_scores = index.asmk_index.score(query.descriptors, shortlist)
     every = index.verify(query.descriptors, np.column_stack([query.x, query.y, query.scale]), shortlist,
-                         VerificationConfig(model="homography"))
+                         VerificationConfig(model="homography", inlier_weighting=weighting))
     scores, order = rank_shortlist(fusion, global_scores.astype(np.float64), np.asarray(asmk_scores, np.float64))
     inliers = np.full(shortlist.size, -1, np.int64)
     inliers[order[:8]] = [every[i].inliers for i in order[:8]]
+    inlier_scores = inliers.astype(np.float64)
+    inlier_scores[order[:8]] = [every[i].score for i in order[:8]]
     scores, order = rank_verified(fusion, global_scores.astype(np.float64), np.asarray(asmk_scores, np.float64),
-                                  scores, order, inliers)
+                                  scores, order, inlier_scores)
     assert result.ids[0] == WARPED_ID and {-1, 0} < set(inliers.tolist())   # unverified, rejected, verified
     np.testing.assert_array_equal(shortlist[order], result.ids)
     np.testing.assert_array_equal(inliers[order], result.inliers)
+    np.testing.assert_array_equal(inlier_scores[order], [v.score if v is not None else -1.0 if n < 0 else 0.0
+                                                         for v, n in zip(result.verifications, result.inliers)])
+    if weighting != "count":       # the search weighed the inliers by the index's idf
+        idf = index.asmk_index.inverse_document_frequency()
+        top = result.verifications[0]
+        assert top.score == pytest.approx((idf[index.local_store.get(WARPED_ID).words[top.pairs[:, 1]]] ** 2).sum())
+        assert top.score != top.inliers

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         else:
             fit_images = sample_fit_images(images.paths, config.train.fit_images, config.extraction.max_size,
                                            config.train.seed)
-            net = new_fitted_network(config, fit_images)
+            net = new_fitted_network(config, fit_images, config.train.seed)
         log.info("training on %d photos of %d classes%s", len(images), len(np.unique(images.labels)),
                  " (unlabelled: two views of each)" if images.unlabelled else "")
         trainer = Trainer(net, images, config.train, args.out, device=args.device,

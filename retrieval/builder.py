@@ -97,7 +97,7 @@ def build_codebook(images: str | os.PathLike, output: str | os.PathLike, *,
         bundle = ModelBundle.from_model_file(config, model)
     else:
         fit_images = sample_fit_images(paths, settings.fit_images, config.extraction.max_size, settings.seed)
-        bundle = ModelBundle.initialize(config, fit_images)
+        bundle = ModelBundle.initialize(config, fit_images, settings.seed)
         del fit_images
     store = bundle.feature_store(feature_store if feature_store is not None else default_store_root(output))
     good, features, failures, run = collection_features(store, bundle, paths, names, progress=progress)

@@ -88,6 +88,8 @@ class CodebookConfig:
         words: its size grows with the collection up to ``size`` (``size_for``).
     max_training_descriptors: descriptors sampled from the collection for k-means.
     fit_images: images sampled to learn the MDA reduction PCA and the GLAM whitening.
+    seed: the sample of those images, the heads' random initial weights (so the same photos give
+        the same model) and k-means.
     """
     size: int = 65536
     min_descriptors_per_word: int = 1000
@@ -123,7 +125,8 @@ class SearchConfig:
         depend on the scales of the scores, :mod:`asmk_index.fusion`, with the three weights), or
         "asmk" / "global" (one stage decides; verified images first when stage 3 runs).
     global_weight, asmk_weight, inlier_weight: the fusion rule's weights of the global
-        similarity, the ASMK* score and the inlier count of the verified images.
+        similarity, the ASMK* score and the inlier score of the verified images (their inliers
+        weighed by ``verification.inlier_weighting``).
     verify_top: R, the top R of the fused shortlist are spatially verified (0: no stage 3).
     verification: stage 3's matching and robust fit (:class:`asmk_index.verification.VerificationConfig`).
     query_expansion, qe_alpha: alpha-QE of the global query over its top results (0: off).

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from asmk_index.codebook import Codebook
 from asmk_index.persistence import (MANIFEST_NAME, IndexFormatError, load_current, publish_directory,
@@ -47,10 +48,11 @@ class ModelBundle:
 
     # ------------------------------------------------------------------ creation
     @classmethod
-    def initialize(cls, config: SystemConfig, fit_images: Sequence[np.ndarray]) -> "ModelBundle":
+    def initialize(cls, config: SystemConfig, fit_images: Sequence[np.ndarray], seed: int = 0) -> "ModelBundle":
         """A new model of ``config.network`` (packaged ImageNet weights) whose MDA reduction and
-        GLAM FC are PCA-whitenings learned from ``fit_images`` ((H, W, 3) uint8, at most max_size)."""
-        return cls(config, new_fitted_network(config, fit_images))
+        GLAM FC are PCA-whitenings learned from ``fit_images`` ((H, W, 3) uint8, at most max_size);
+        ``seed``: see :func:`new_fitted_network`."""
+        return cls(config, new_fitted_network(config, fit_images, seed))
 
     @classmethod
     def from_model_file(cls, config: SystemConfig, path: str | os.PathLike) -> "ModelBundle":
@@ -126,13 +128,17 @@ class ModelBundle:
         return cls(config, net, codebook, model_hash=net.loaded_hash)
 
 
-def new_fitted_network(config: SystemConfig, fit_images: Sequence[np.ndarray]) -> RetrievalNet:
+def new_fitted_network(config: SystemConfig, fit_images: Sequence[np.ndarray], seed: int = 0) -> RetrievalNet:
     """A new model of ``config.network`` (packaged ImageNet weights) whose MDA reduction and GLAM
     FC are PCA-whitenings learned from ``fit_images`` ((H, W, 3) uint8 at most ``max_size``), over
-    the extraction's pyramid scales and from the cells it selects features from."""
+    the extraction's pyramid scales and from the cells it selects features from. The heads' random
+    initial weights (the MDA indicators' symmetry-breaking noise, GLAM's attention layers) are drawn
+    from ``seed`` without touching the global random state: the same photos give the same model."""
     if not fit_images:
         raise ValueError("no images to initialise the model from (all failed to load?)")
-    net = RetrievalNet(config.network)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = RetrievalNet(config.network)
     extraction = config.extraction
     logger.info("learning the MDA reduction and the GLAM whitening from %d images", len(fit_images))
     net.fit_to_images((image_to_tensor(image).unsqueeze(0) for image in fit_images),

@@ -179,3 +179,20 @@ def test_asking_for_a_gpu_that_is_not_there_says_so(capsys):
         build_codebook.parse_arguments(["--images", "x", "--out", "y", "--device", "cuda"])
     assert exit_info.value.code == 2
     assert "torch sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_model_fitted_twice_to_the_same_photos_is_the_same(photos):
+    # the heads' random initial weights come from the seed, not from the global random state
+    from retrieval.config import SystemConfig
+    from retrieval.models import new_fitted_network
+
+    config = SystemConfig().updated({"network": SMALL.to_dict(), "extraction": {"max_size": SETTINGS.max_size}})
+    torch.manual_seed(1)
+    first = new_fitted_network(config, photos[:2])
+    after_first = torch.rand(3)
+    torch.manual_seed(2)
+    second = new_fitted_network(config, photos[:2])
+    other_seed = new_fitted_network(config, photos[:2], seed=5)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after_first)          # the global random state is left alone
+    assert first.model_hash() == second.model_hash() != other_seed.model_hash()

@@ -23,6 +23,8 @@ Query expansion and database-side augmentation (both off by default; they need `
   ``q + sum_i s_i ** qe_alpha * x_i`` over its top-``n`` results ``x_i`` with similarity
   ``s_i > 0`` (the others weigh 0), L2-normalised, and searched again
   (:meth:`GlobalIndex.expand_query`); ``qe_alpha=0`` is average query expansion.
+  :func:`expand_with` expands a query with chosen vectors instead of its nearest neighbours (the
+  two-stage search's verified query expansion: the images spatial verification confirmed).
 - alpha-DBA, ``dba_neighbors=n``: every database vector is replaced, for searching and scoring,
   by ``sum_j s_j ** dba_alpha * x_j`` over its top-``n + 1`` neighbours with ``s_j > 0`` (itself
   first, weight 1), L2-normalised. The original vectors are kept (:attr:`GlobalIndex.vectors`, saved);
@@ -123,6 +125,20 @@ def _weighted_sum_rows(stacked: np.ndarray, similarities: np.ndarray, alpha: flo
     summed = np.einsum("qm,qmd->qd", weights, stacked.astype(np.float64))
     norms = np.linalg.norm(summed, axis=1, keepdims=True)
     return np.ascontiguousarray(summed / np.maximum(norms, np.finfo(np.float64).tiny), np.float32)
+
+
+def expand_with(query: np.ndarray, vectors: np.ndarray, alpha: float = 0.0) -> np.ndarray:
+    """alpha-QE of one L2-normalised ``query`` (dim,) with chosen ``vectors`` (m, dim) (e.g. the
+    searched vectors of verified results): ``normalize(q + sum_i s_i ** alpha * x_i)`` with
+    ``s_i = q . x_i``, weight 0 where ``s_i <= 0``; ``alpha`` 0: average query expansion over the
+    vectors the query is positively similar to. (dim,) float32."""
+    query = np.asarray(query, np.float32).reshape(-1)
+    vectors = np.asarray(vectors, np.float32).reshape(-1, query.size)
+    if not np.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    stacked = np.concatenate([query[None], vectors])[None]
+    similarities = np.concatenate([[1.0], vectors @ query])[None]
+    return _weighted_sum_rows(stacked, similarities, alpha)[0]
 
 
 def _weighted_sum(vectors: np.ndarray, rows: np.ndarray, similarities: np.ndarray,
@@ -509,9 +525,11 @@ class GlobalIndex:
         scores = queries @ self.search_vectors[rows].T
         return scores[0] if single else scores
 
-    def get_vectors(self, image_ids) -> np.ndarray:
-        """Stored (normalised) descriptors of ``image_ids``, (m, dim) float32."""
-        return self.vectors[self._known_rows(image_ids, "image_ids")].copy()
+    def get_vectors(self, image_ids, *, searched: bool = False) -> np.ndarray:
+        """Stored (normalised) descriptors of ``image_ids``, (m, dim) float32; ``searched``: the
+        vectors searched and scored instead (:attr:`search_vectors`, alpha-DBA when on)."""
+        rows = self._known_rows(image_ids, "image_ids")
+        return (self.search_vectors if searched else self.vectors)[rows].copy()
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> None:

@@ -34,6 +34,14 @@ Options of "two_stage" (:meth:`TwoStageIndex.search`):
   coordinates in both images, for drawing) come with each result.
 - ``query_expansion`` / ``qe_alpha``: alpha-QE of the global query for stage 1 (also in "global"
   and "asmk" modes); DBA is an option of the global index (:class:`GlobalIndex`).
+- ``verified_expansion=m`` (with stage 3; verified query expansion, after Chum et al.'s "Total
+  Recall", ICCV 2007): of the top m of stage 3's ranking, the images with at least
+  ``verified_expansion_inliers`` inliers are averaged with the original global query
+  (:func:`global_index.expand_with`, their searched vectors, alpha 0), the whole shortlist's
+  global scores are recomputed with that query and the shortlist is ranked again
+  (:func:`rank_expanded`: the same ranking, the same ASMK* and inlier scores). Images that
+  several views of the object confirm geometrically pull up views the local stages missed; when
+  no image qualifies, the ranking stays as it is.
 
 Local features for stage 3: an index created with ``local_features=True`` keeps, for every image
 added with local descriptors, each descriptor's word, binary signature and ``local_geometry``
@@ -51,7 +59,7 @@ import numpy as np
 
 from .fusion import RULES as FUSION_RULES
 from .fusion import Fusion
-from .global_index import GlobalIndex
+from .global_index import GlobalIndex, expand_with
 from .local_store import LocalFeatureStore, binary_signatures, check_geometry
 from .persistence import (IndexFormatError, check_counts, load_current, publish_directory,
                           read_arrays, require, write_arrays)
@@ -75,8 +83,8 @@ class SearchResult:
     """Ranked results of one query, best first; all arrays have the same length.
 
     ``ids`` int64, ``scores`` the final ranking score (ASMK* for "two_stage"/"asmk", global for
-    "global"; the fused value with a fusion rule), ``global_scores``, ``asmk_scores`` (NaN in
-    "global" mode), seconds per stage.
+    "global"; the fused value with a fusion rule), ``global_scores`` (those of the expanded query
+    after a verified expansion), ``asmk_scores`` (NaN in "global" mode), seconds per stage.
 
     Stage 3 (``verify_top``): ``inliers`` (n,) int64, -1 where the image was not verified (beyond
     the top R), else its inlier count (0: rejected); ``verifications``: one
@@ -136,15 +144,15 @@ def _ranking_rule(fusion, global_weight: float):
 
 
 def rank_shortlist(ranking, global_scores: np.ndarray, asmk_scores: np.ndarray):
-    """Stage 2: (ranking scores, order) of a shortlist given in global order.
+    """Stage 2: (ranking scores, order) of a shortlist (given in global order: ties keep it).
 
     ``ranking``: a :class:`fusion.Fusion`, "global", or the ASMK* rule with an optional global
     weight (see TwoStageIndex.search)."""
     if isinstance(ranking, Fusion):
         scores = ranking(global_scores, asmk_scores)
         return scores, np.argsort(-scores, kind="stable")
-    if ranking == "global":
-        return global_scores, np.arange(global_scores.size)
+    if ranking == "global":         # the shortlist's order, unless its scores changed since
+        return global_scores, np.argsort(-global_scores, kind="stable")
     weight = ranking[1] if isinstance(ranking, tuple) else 0.0
     scores = asmk_scores + weight * global_scores if weight else asmk_scores
     return scores, np.lexsort((-global_scores, -scores))
@@ -167,6 +175,27 @@ def rank_verified(ranking, global_scores: np.ndarray, asmk_scores: np.ndarray, s
     rank[order] = np.arange(order.size)
     verified = inlier_scores > 0
     return scores, np.lexsort((rank, -np.where(verified, inlier_scores, 0), ~verified))
+
+
+def rank_expanded(ranking, query: np.ndarray, shortlist_vectors: np.ndarray, asmk_scores: np.ndarray,
+                  inliers: np.ndarray, inlier_scores: np.ndarray, order: np.ndarray, neighbors: int,
+                  min_inliers: int):
+    """Verified query expansion (see the module docstring): ``(global_scores, scores, order)`` of
+    the shortlist ranked again with the expanded global query, or None when none of the top
+    ``neighbors`` of ``order`` has ``min_inliers`` inliers.
+
+    ``query`` (Dg,): the L2-normalised global query before any expansion; ``shortlist_vectors``
+    (n, Dg): the shortlist's searched vectors; ``inliers`` (n,): inlier counts (-1: not
+    verified); ``inlier_scores``, ``order``: as :func:`rank_verified` takes and returns them."""
+    top = order[:neighbors]
+    chosen = top[inliers[top] >= min_inliers]
+    if chosen.size == 0:
+        return None
+    expanded = expand_with(query, shortlist_vectors[chosen])
+    global_scores = (shortlist_vectors @ expanded).astype(np.float64)
+    scores, order = rank_shortlist(ranking, global_scores, asmk_scores)
+    scores, order = rank_verified(ranking, global_scores, asmk_scores, scores, order, inlier_scores)
+    return global_scores, scores, order
 
 
 class TwoStageIndex:
@@ -317,7 +346,8 @@ class TwoStageIndex:
     def search(self, global_query, local_query=None, k: int = 10, shortlist: int = 100,
                mode: str = "two_stage", global_weight: float = 0.0, *, fusion=None,
                verify_top: int = 0, query_geometry=None, verification=None,
-               query_expansion: int | None = None, qe_alpha: float | None = None
+               query_expansion: int | None = None, qe_alpha: float | None = None,
+               verified_expansion: int = 0, verified_expansion_inliers: int = 20
                ) -> SearchResult:
         """Rank images for one query: ``global_query`` (Dg,), ``local_query`` (n, D) (may be None
         in "global" mode). ``shortlist`` (raised to ``k`` if smaller) images are re-scored in
@@ -332,7 +362,9 @@ class TwoStageIndex:
         verify the top R of the ranked shortlist, with ``query_geometry`` (n, 2) or (n, 3) x, y
         [, scale] of the query's local descriptors (pixels) and ``verification`` a
         :class:`verification.VerificationConfig` (None: its defaults). ``query_expansion``,
-        ``qe_alpha``: alpha-QE of the global query (None: the global index's options)."""
+        ``qe_alpha``: alpha-QE of the global query (None: the global index's options).
+        ``verified_expansion``, ``verified_expansion_inliers`` (two_stage with ``verify_top``):
+        verified query expansion (see the module docstring; 0: off)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         global_weight = float(global_weight)
@@ -342,8 +374,17 @@ class TwoStageIndex:
         shortlist = max(_positive_int(shortlist, "shortlist"), k)
         verify_top = _non_negative_int(verify_top, "verify_top")
         ranking = _ranking_rule(fusion, global_weight)
-        if mode != "two_stage" and (fusion is not None or verify_top):
-            raise ValueError(f"fusion and verify_top are options of mode 'two_stage', not {mode!r}")
+        expansion = (_non_negative_int(verified_expansion, "verified_expansion"),
+                     _positive_int(verified_expansion_inliers, "verified_expansion_inliers"))
+        if mode != "two_stage" and (fusion is not None or verify_top or expansion[0]):
+            raise ValueError("fusion, verify_top and verified_expansion are options of mode "
+                             f"'two_stage', not {mode!r}")
+        if expansion[0] and not verify_top:
+            raise ValueError("verified_expansion needs stage 3 (verify_top > 0): it expands the "
+                             "query with the verified images")
+        if expansion[0] and not self.global_index.params.normalize:
+            raise ValueError("verified_expansion needs a global index with normalize=True (it "
+                             "averages L2-normalised descriptors)")
         global_query = np.asarray(global_query)
         if global_query.ndim != 1:
             raise ValueError(f"global_query: expected one (Dg,) vector, got shape "
@@ -359,6 +400,7 @@ class TwoStageIndex:
         if verify_top:
             stage3 = self._stage3_query(local_query, query_geometry, verification)
         start = time.perf_counter()
+        original_query = self.global_index.expand_query(global_query, 0)    # normalised
         neighbors = (self.global_index.params.query_expansion if query_expansion is None
                      else query_expansion)
         if neighbors:
@@ -368,7 +410,7 @@ class TwoStageIndex:
         if mode == "asmk":
             return self._search_asmk(global_query, local_query, k, start)
         return self._search_two_stage(global_query, local_query, k, shortlist, ranking, start,
-                                      verify_top, stage3)
+                                      verify_top, stage3, (original_query, *expansion))
 
     def _stage3_query(self, local_query, query_geometry, verification):
         """(query xy (n, 2), config) for stage 3 after checks, or a clear error."""
@@ -403,7 +445,9 @@ class TwoStageIndex:
         return scores
 
     def _search_two_stage(self, global_query, local_query, k, shortlist, ranking, start,
-                          verify_top, stage3) -> SearchResult:
+                          verify_top, stage3, expansion) -> SearchResult:
+        """``expansion``: (the normalised global query before alpha-QE, verified expansion's
+        neighbours (0: off), its inlier threshold)."""
         candidates, global_scores = self.global_index.search(global_query, shortlist,
                                                              query_expansion=0)
         middle = time.perf_counter()
@@ -415,9 +459,16 @@ class TwoStageIndex:
         end = time.perf_counter()
         inliers = verifications = None
         if verify_top:
-            final_scores, order, inliers, verifications = self._verify_and_rerank(
+            final_scores, order, inliers, verifications, inlier_scores = self._verify_and_rerank(
                 stage3, candidates, global_scores, asmk_scores, final_scores, order, ranking,
                 local_query, words, verify_top)
+            original_query, neighbors, min_inliers = expansion
+            if neighbors:
+                expanded = rank_expanded(
+                    ranking, original_query, self.global_index.get_vectors(candidates, searched=True),
+                    asmk_scores, inliers, inlier_scores, order, neighbors, min_inliers)
+                if expanded is not None:
+                    global_scores, final_scores, order = expanded
         order = order[:k]
         done = time.perf_counter()
         return SearchResult(ids=candidates[order], scores=final_scores[order],
@@ -432,8 +483,8 @@ class TwoStageIndex:
     def _verify_and_rerank(self, stage3, candidates, global_scores, asmk_scores, final_scores,
                            order, ranking, local_query, words, verify_top):
         """Stage 3 on the top ``verify_top`` of ``order``; returns (scores, order, inliers (n,)
-        -1 where not verified, verifications (n,) list) over the shortlist positions; the ranking
-        uses the results' inlier scores. ``words``: the query's stage-2 words (nearest first),
+        -1 where not verified, verifications (n,) list, inlier scores (n,) -1 where not verified)
+        over the shortlist positions; the ranking uses the inlier scores. ``words``: the query's stage-2 words (nearest first),
         None for an empty query."""
         top = order[:verify_top]
         results = self._verify_ids(local_query, words, stage3, candidates[top])
@@ -448,7 +499,7 @@ class TwoStageIndex:
                 verifications[position] = result
         final_scores, order = rank_verified(ranking, global_scores, asmk_scores, final_scores, order,
                                             inlier_scores)
-        return final_scores, order, inliers, verifications
+        return final_scores, order, inliers, verifications, inlier_scores
 
     def _verify_ids(self, local_query, words, stage3, image_ids) -> list:
         """Stage 3 of ``image_ids`` (one :class:`verification.VerificationResult` each, None for an

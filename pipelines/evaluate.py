@@ -5,7 +5,7 @@
                                  [--variants global two_stage+sv ...] [--queries all|even|odd]
 
 Reports, side by side for every search variant (global, global+QE, global+DBA(+QE), ASMK*,
-two-stage, two-stage + spatial verification, + QE), mAP Easy/Medium/Hard and mP@1/5/10 (queries
+two-stage, two-stage + spatial verification, + QE, + verified QE), mAP Easy/Medium/Hard and mP@1/5/10 (queries
 cropped to their box, junk ignored), the UKBench N-S score when the ground truth is groups of
 four, the median latency per query of extraction and of each stage, and the index size per
 image. Build the index from DIR/jpg first (pipelines/index.py).

@@ -34,6 +34,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--verify-top", type=int, help="spatially verify the top R of the shortlist "
                         "(0: off; default: the index's config)")
     parser.add_argument("--query-expansion", type=int, help="alpha-QE neighbours of stage 1 (0: off)")
+    parser.add_argument("--verified-expansion", type=int, help="verified query expansion: the top N "
+                        "verified results expand the global query after stage 3 (0: off)")
     parser.add_argument("--bbox", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
                         help="query region in pixels of the query image (all queries)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -65,7 +67,8 @@ def main(argv=None) -> int:
                                   mode=args.mode, bbox=[args.bbox] * len(args.query)
                                   if args.bbox else None, with_matches=args.html is not None,
                                   fusion=args.fusion, verify_top=args.verify_top,
-                                  query_expansion=args.query_expansion)
+                                  query_expansion=args.query_expansion,
+                                  verified_expansion=args.verified_expansion)
     except (FileNotFoundError, ValueError, ImageLoadError) as error:
         return fail(str(error))
     if args.json:

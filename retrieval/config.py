@@ -132,6 +132,11 @@ class SearchConfig:
     query_expansion, qe_alpha: alpha-QE of the global query over its top results (0: off).
     dba_neighbors, dba_alpha: alpha-DBA of the indexed global descriptors (0: off); computed
         once per loaded index (an exact all-pairs search of the global descriptors).
+    verified_expansion, verified_expansion_inliers: verified query expansion (with stage 3):
+        the images among the top ``verified_expansion`` of the verified ranking with at least
+        ``verified_expansion_inliers`` inliers are averaged with the global query, and the
+        shortlist is ranked again with its new global scores (0: off;
+        :mod:`asmk_index.two_stage`).
     """
     k: int = 10
     shortlist: int = 300
@@ -148,15 +153,18 @@ class SearchConfig:
     qe_alpha: float = 3.0
     dba_neighbors: int = 2
     dba_alpha: float = 3.0
+    verified_expansion: int = 0
+    verified_expansion_inliers: int = 20
 
     def __post_init__(self) -> None:
         if self.mode not in SEARCH_MODES:
             raise ValueError(f"search.mode must be one of {SEARCH_MODES}, got {self.mode!r}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"search.fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        if min(self.k, self.shortlist) < 1 or min(self.verify_top, self.query_expansion, self.dba_neighbors) < 0:
-            raise ValueError("search.k and shortlist must be >= 1; verify_top, query_expansion and "
-                             "dba_neighbors >= 0")
+        if (min(self.k, self.shortlist, self.verified_expansion_inliers) < 1
+                or min(self.verify_top, self.query_expansion, self.dba_neighbors, self.verified_expansion) < 0):
+            raise ValueError("search.k, shortlist and verified_expansion_inliers must be >= 1; verify_top, "
+                             "query_expansion, dba_neighbors and verified_expansion >= 0")
 
     def ranking(self, fusion: str | None = None) -> str | Fusion:
         """The ``fusion`` argument of ``TwoStageIndex.search`` for a fusion name (default: the

@@ -10,7 +10,8 @@ and ``global+dba+qe`` (alpha-DBA of the indexed descriptors), ``asmk`` (ASMK* ov
 collection), ``two_stage`` (global shortlist ranked by the fusion of global and ASMK* scores),
 ``two_stage+sv`` (and stage 3: spatial verification of the top ``verify_top``, the inlier counts
 fused in), ``two_stage+sv+qe`` and ``two_stage+sv+dba+qe`` (all three stages with both
-expansions: the default search). Rankings are complete (every database image ranked), as the
+expansions of the global stage), ``two_stage+sv+dba+qe+vqe`` (and the query expanded again with
+the verified images: the default search). Rankings are complete (every database image ranked), as the
 protocol expects: after a variant's results come the others in its stage-1 order.
 
 ``queries``: "all", or "even" / "odd": the queries of every other object (objects are the
@@ -73,10 +74,11 @@ def full_ranking(result_positions: Sequence[int], fallback: np.ndarray, n_databa
 
 
 # variants without "+dba" search the indexed descriptors as they are; "+dba" ones their alpha-DBA
-# (the config's neighbours). The "+qe" / "+dba" / "+sv" variants' neighbours and verified images
-# where the config has them off (0):
+# (the config's neighbours); "+vqe": verified query expansion after stage 3. The "+qe" / "+dba" /
+# "+sv" / "+vqe" variants' neighbours and verified images where the config has them off (0):
 DEFAULT_EXPANSION_NEIGHBORS = 2
 DEFAULT_VERIFY_TOP = 20
+DEFAULT_VERIFIED_EXPANSION = 20
 VARIANTS: dict[str, dict] = {
     "global": {"mode": "global", "query_expansion": 0},
     "global+qe": {"mode": "global", "qe": True},
@@ -84,9 +86,11 @@ VARIANTS: dict[str, dict] = {
     "global+dba+qe": {"mode": "global", "qe": True, "dba": True},
     "asmk": {"mode": "asmk", "query_expansion": 0},
     "two_stage": {"mode": "two_stage", "verify_top": 0, "query_expansion": 0},
-    "two_stage+sv": {"mode": "two_stage", "sv": True, "query_expansion": 0},
-    "two_stage+sv+qe": {"mode": "two_stage", "sv": True, "qe": True},
-    "two_stage+sv+dba+qe": {"mode": "two_stage", "sv": True, "qe": True, "dba": True},
+    "two_stage+sv": {"mode": "two_stage", "sv": True, "query_expansion": 0, "verified_expansion": 0},
+    "two_stage+sv+qe": {"mode": "two_stage", "sv": True, "qe": True, "verified_expansion": 0},
+    "two_stage+sv+dba+qe": {"mode": "two_stage", "sv": True, "qe": True, "dba": True,
+                            "verified_expansion": 0},
+    "two_stage+sv+dba+qe+vqe": {"mode": "two_stage", "sv": True, "qe": True, "dba": True, "vqe": True},
 }
 QUERY_SPLITS = ("all", "even", "odd")
 
@@ -148,6 +152,8 @@ def _variant_options(name: str, settings) -> dict:
         options["query_expansion"] = settings.query_expansion or DEFAULT_EXPANSION_NEIGHBORS
     if options.pop("sv", False):
         options["verify_top"] = settings.verify_top or DEFAULT_VERIFY_TOP
+    if options.pop("vqe", False):
+        options["verified_expansion"] = settings.verified_expansion or DEFAULT_VERIFIED_EXPANSION
     return options
 
 
@@ -250,13 +256,13 @@ def format_evaluation(report: dict) -> str:
     lines = [f"dataset {report['dataset']}: {report['n_database']} database images, "
              f"{report['n_queries']} queries ({report['queries']}), shortlist {report['shortlist']}, "
              f"fusion {report['fusion']}, verify top {report['verify_top']}",
-             f"{'variant':<19} {'mAP E':>6} {'mAP M':>6} {'mAP H':>6} {'mP@1':>6} {'mP@5':>6} "
+             f"{'variant':<23} {'mAP E':>6} {'mAP M':>6} {'mAP H':>6} {'mP@1':>6} {'mP@5':>6} "
              f"{'mP@10':>6} {'N-S':>6} | {'extract':>7} {'stage1':>7} {'stage2':>7} {'stage3':>7} ms"]
     for name, entry in report["modes"].items():
         m, precision = entry["mAP"], entry["mP@k"]["medium"]
         ns = "-" if entry["ns_score"] is None else f"{entry['ns_score']:.3f}"
         latency = report["latency_ms"][name]
-        lines.append(f"{name:<19} {m['easy']:6.2f} {m['medium']:6.2f} {m['hard']:6.2f} "
+        lines.append(f"{name:<23} {m['easy']:6.2f} {m['medium']:6.2f} {m['hard']:6.2f} "
                      f"{precision[1]:6.2f} {precision[5]:6.2f} {precision[10]:6.2f} {ns:>6} | "
                      f"{latency['extraction']:7.1f} {latency['stage1']:7.2f} {latency['stage2']:7.2f} "
                      f"{latency['stage3']:7.2f}")

@@ -172,8 +172,8 @@ class Searcher:
     def search_features(self, query: QueryFeatures, *, k: int | None = None,
                         shortlist: int | None = None, mode: str | None = None,
                         with_matches: bool = False, fusion: str | None = None,
-                        verify_top: int | None = None, query_expansion: int | None = None
-                        ) -> SearchResults:
+                        verify_top: int | None = None, query_expansion: int | None = None,
+                        verified_expansion: int | None = None) -> SearchResults:
         """Rank the collection for a prepared query (see :meth:`search`)."""
         settings = self.config.search
         k = int(k if k is not None else settings.k)
@@ -188,8 +188,11 @@ class Searcher:
         if mode == "two_stage":
             if with_matches:
                 verify_top = max(verify_top, k)  # every hit shown gets its inliers drawn
+            expansion = int(settings.verified_expansion if verified_expansion is None else verified_expansion)
             options = {"fusion": settings.ranking(fusion), "verify_top": verify_top,
-                       "query_geometry": local_geometry(query.local), "verification": settings.verification}
+                       "query_geometry": local_geometry(query.local), "verification": settings.verification,
+                       "verified_expansion": expansion if verify_top else 0,
+                       "verified_expansion_inliers": settings.verified_expansion_inliers}
         start = time.perf_counter()
         with self._lock:
             raw = self.index.two_stage.search(
@@ -221,13 +224,15 @@ class Searcher:
     def search(self, queries: Any, *, k: int | None = None, shortlist: int | None = None,
                mode: str | None = None, bbox: Any = None, with_matches: bool = False,
                fusion: str | None = None, verify_top: int | None = None,
-               query_expansion: int | None = None) -> SearchResults | list[SearchResults]:
+               query_expansion: int | None = None,
+               verified_expansion: int | None = None) -> SearchResults | list[SearchResults]:
         """Search one query or a list of queries.
 
         queries: a path, a PIL image or an (H, W, 3) array, or a list of them.
         k: results per query (default config.search.k); shortlist: stage-1 size (default
         config.search.shortlist); mode: "two_stage" | "asmk" | "global"; fusion, verify_top,
-        query_expansion: override the config's (``search`` section).
+        query_expansion, verified_expansion: override the config's (``search`` section; verified
+        expansion is off when nothing is verified).
         bbox: (x0, y0, x1, y1) in the query's pixels (one query), or a list with one box or None
         per query.
         with_matches: spatially verify every hit (stage 3) so that ``hit.matches`` holds its inlier
@@ -247,7 +252,8 @@ class Searcher:
             prepared = self.prepare(query, bbox=box, label=_query_label(query, position))
             results.append(self.search_features(prepared, k=k, shortlist=shortlist, mode=mode,
                                                 with_matches=with_matches, fusion=fusion,
-                                                verify_top=verify_top, query_expansion=query_expansion))
+                                                verify_top=verify_top, query_expansion=query_expansion,
+                                                verified_expansion=verified_expansion))
         return results[0] if single else results
 
     # ------------------------------------------------------------------ display
@@ -324,7 +330,8 @@ def clear_searcher_cache() -> None:
 def search(index: str | os.PathLike | RetrievalIndex | Searcher, queries: Any, *,
            device: str | None = None, **options) -> SearchResults | list[SearchResults]:
     """Search ``queries`` in ``index`` (see :meth:`Searcher.search` for the options: k,
-    shortlist, mode, bbox, with_matches, fusion, verify_top, query_expansion)."""
+    shortlist, mode, bbox, with_matches, fusion, verify_top, query_expansion,
+    verified_expansion)."""
     return get_searcher(index, device=device).search(queries, **options)
 
 

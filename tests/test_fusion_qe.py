@@ -191,6 +191,28 @@ def test_query_expansion_moves_true_neighbours_up():
         GlobalIndex(4, normalize=False, query_expansion=2)
 
 
+def test_expand_with_averages_the_query_and_the_chosen_vectors():
+    from asmk_index.global_index import expand_with
+
+    rng = np.random.default_rng(5)
+    query = rng.normal(size=8).astype(np.float32)
+    query /= np.linalg.norm(query)
+    chosen = rng.normal(size=(3, 8)).astype(np.float32)
+    chosen /= np.linalg.norm(chosen, axis=1, keepdims=True)
+    chosen[chosen @ query <= 0] *= -1                 # all positively similar to the query
+    average = (query + chosen.sum(0)) / np.linalg.norm(query + chosen.sum(0))
+    np.testing.assert_allclose(expand_with(query, chosen), average, atol=1e-6)
+    weights = (chosen @ query) ** 3.0
+    weighted = query + weights @ chosen
+    np.testing.assert_allclose(expand_with(query, chosen, 3.0), weighted / np.linalg.norm(weighted),
+                               atol=1e-6)
+    # a vector the query is not positively similar to weighs 0; no vectors: the query itself
+    np.testing.assert_allclose(expand_with(query, np.concatenate([chosen, -query[None]])), average, atol=1e-6)
+    np.testing.assert_allclose(expand_with(query, np.zeros((0, 8))), query, atol=1e-6)
+    with pytest.raises(ValueError, match="alpha"):
+        expand_with(query, chosen, -1.0)
+
+
 def dba_reference(vectors, neighbours, alpha):
     similarities = vectors @ vectors.T
     result = np.empty_like(vectors)

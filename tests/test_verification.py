@@ -304,6 +304,9 @@ def add_photos(index, photos, numbers, ids=None):
                                              for f in features]))
 
 
+EXPANSION_INLIERS = 20         # verified query expansion's threshold in these tests
+
+
 def verified_search(index, photos, weighting="count", **options):
     query = photos["features"][0]
     return index.search(query.descriptors.mean(0), query.descriptors, k=20, shortlist=20,
@@ -410,17 +413,58 @@ def test_local_geometry_is_required_exactly_when_features_are_kept(photos):
                     query_geometry=np.zeros((3, 2)))
 
 
-@pytest.mark.parametrize("fusion,weighting", [(Fusion("zscore", 1.0, 4.0, 4.0), "count"), ("asmk", "count"),
-                                              (Fusion("zscore", 1.0, 4.0, 4.0), "squared_idf")])
-def test_ranking_replayed_on_stored_scores_equals_the_search(photos, fusion, weighting):
+def test_verified_query_expansion_pulls_up_what_the_verified_image_resembles(photos):
+    # global descriptors set by hand: the warped view of the query photo resembles the query and
+    # an unrelated photo ("hidden", orthogonal to the query); the other photos resemble the query
+    # a little. Verified, the warped view expands the query, and "hidden" overtakes the others.
+    from asmk_index.two_stage import TwoStageIndex
+
+    numbers, hidden = [WARPED_ID, *range(4, PHOTOS)], 8
+    axes = np.eye(16, dtype=np.float32)
+    global_vectors = {n: 0.3 * axes[0] + axes[n] for n in numbers if n not in (WARPED_ID, hidden)}
+    global_vectors.update({WARPED_ID: axes[0] + axes[1], hidden: axes[1]})
+    codebook, query = photos["codebook"], photos["features"][0]
+    index = TwoStageIndex.create(codebook, 16, local_features=True)
+    features = [photos["warped"] if n == WARPED_ID else photos["features"][n] for n in numbers]
+    index.add(np.stack([global_vectors[n] for n in numbers]), numbers,
+              np.concatenate([f.descriptors for f in features]),
+              np.repeat(numbers, [len(f.descriptors) for f in features]),
+              local_geometry=np.concatenate([np.column_stack([f.x, f.y, f.scale]) for f in features]))
+
+    def search(expansion, min_inliers=EXPANSION_INLIERS):
+        return index.search(axes[0], query.descriptors, k=len(numbers), shortlist=len(numbers),
+                            fusion="global", verify_top=1, verified_expansion=expansion,
+                            verified_expansion_inliers=min_inliers,
+                            query_geometry=np.column_stack([query.x, query.y]),
+                            verification=VerificationConfig(model="homography"))
+
+    plain, expanded = search(0), search(3)
+    assert plain.ids[0] == expanded.ids[0] == WARPED_ID and plain.inliers[0] >= EXPANSION_INLIERS
+    assert plain.ids[-1] == hidden and expanded.ids[1] == hidden
+    expected = (axes[0] + (axes[0] + axes[1]) / np.sqrt(2))
+    expected /= np.linalg.norm(expected)
+    np.testing.assert_allclose(expanded.global_scores[1], expected[1], atol=1e-5)
+    # a threshold the verified image does not reach: nothing expands the query
+    unchanged = search(3, min_inliers=int(plain.inliers[0]) + 1)
+    np.testing.assert_array_equal(unchanged.ids, plain.ids)
+    with pytest.raises(ValueError, match="verify_top"):
+        index.search(axes[0], query.descriptors, verified_expansion=3)
+
+
+@pytest.mark.parametrize("fusion,weighting,expansion", [
+    (Fusion("zscore", 1.0, 4.0, 4.0), "count", 0), ("asmk", "count", 0),
+    (Fusion("zscore", 1.0, 4.0, 4.0), "squared_idf", 0), (Fusion("zscore", 1.0, 4.0, 4.0), "count", 5)])
+def test_ranking_replayed_on_stored_scores_equals_the_search(photos, fusion, weighting, expansion):
     # benchmarks/defaults.py scores and verifies each shortlist once, then replays rankings with
-    # rank_shortlist / rank_verified: they must give exactly what the search gives.
-    from asmk_index.two_stage import TwoStageIndex, rank_shortlist, rank_verified
+    # rank_shortlist / rank_verified / rank_expanded: they must give exactly what the search gives.
+    from asmk_index.global_index import l2_normalize
+    from asmk_index.two_stage import TwoStageIndex, rank_expanded, rank_shortlist, rank_verified
 
     codebook, query = photos["codebook"], photos["features"][0]
     index = TwoStageIndex.create(codebook, codebook.dim, local_features=True)
     add_photos(index, photos, [1, 2, WARPED_ID, *range(4, PHOTOS)])
-    result = verified_search(index, photos, weighting, fusion=fusion)
+    result = verified_search(index, photos, weighting, fusion=fusion, verified_expansion=expansion,
+                             verified_expansion_inliers=EXPANSION_INLIERS)
     shortlist, global_scores = index.global_index.search(query.descriptors.mean(0), 20)
     asmk_scores = index.asmk_index.score(query.descriptors, shortlist)
     every = index.verify(query.descriptors, np.column_stack([query.x, query.y, query.scale]), shortlist,
@@ -432,6 +476,16 @@ def test_ranking_replayed_on_stored_scores_equals_the_search(photos, fusion, wei
     inlier_scores[order[:8]] = [every[i].score for i in order[:8]]
     scores, order = rank_verified(fusion, global_scores.astype(np.float64), np.asarray(asmk_scores, np.float64),
                                   scores, order, inlier_scores)
+    if expansion:
+        query_vector = l2_normalize(query.descriptors.mean(0, keepdims=True), "query")[0]
+        expanded = rank_expanded(fusion, query_vector, index.global_index.get_vectors(shortlist, searched=True),
+                                 np.asarray(asmk_scores, np.float64), inliers, inlier_scores, order, expansion,
+                                 EXPANSION_INLIERS)
+        assert expanded is not None            # the warped photo qualifies: the query was expanded
+        global_scores, scores, order = expanded
+        assert not np.allclose(np.sort(result.global_scores), np.sort(index.global_index.score(
+            query.descriptors.mean(0), shortlist)))      # the results carry the expanded query's scores
+    np.testing.assert_allclose(result.global_scores, global_scores[order], rtol=1e-5)
     assert result.ids[0] == WARPED_ID and {-1, 0} < set(inliers.tolist())   # unverified, rejected, verified
     np.testing.assert_array_equal(shortlist[order], result.ids)
     np.testing.assert_array_equal(inliers[order], result.inliers)

@@ -71,6 +71,7 @@ ASMK_COMPONENT = "asmk"
 LOCAL_COMPONENT = "local"
 MODES = ("two_stage", "asmk", "global")
 SINGLE_STAGE_RANKINGS = ("asmk", "global")     # fusion= values that rank by one stage
+VERIFIED_EXPANSION_INLIERS = 20     # inliers an image needs to expand the query (verified QE)
 
 
 def _asmk_class():
@@ -347,8 +348,8 @@ class TwoStageIndex:
                mode: str = "two_stage", global_weight: float = 0.0, *, fusion=None,
                verify_top: int = 0, query_geometry=None, verification=None,
                query_expansion: int | None = None, qe_alpha: float | None = None,
-               verified_expansion: int = 0, verified_expansion_inliers: int = 20
-               ) -> SearchResult:
+               verified_expansion: int = 0,
+               verified_expansion_inliers: int = VERIFIED_EXPANSION_INLIERS) -> SearchResult:
         """Rank images for one query: ``global_query`` (Dg,), ``local_query`` (n, D) (may be None
         in "global" mode). ``shortlist`` (raised to ``k`` if smaller) images are re-scored in
         "two_stage" mode. Returns a :class:`SearchResult` of at most ``k`` images, best first.
@@ -400,7 +401,8 @@ class TwoStageIndex:
         if verify_top:
             stage3 = self._stage3_query(local_query, query_geometry, verification)
         start = time.perf_counter()
-        original_query = self.global_index.expand_query(global_query, 0)    # normalised
+        # the normalised query before alpha-QE, which verified expansion starts from
+        original_query = self.global_index.expand_query(global_query, 0) if expansion[0] else None
         neighbors = (self.global_index.params.query_expansion if query_expansion is None
                      else query_expansion)
         if neighbors:

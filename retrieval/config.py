@@ -24,7 +24,7 @@ import yaml
 from asmk_index.asmk import AsmkParams
 from asmk_index.fusion import RULES as FUSION_RULES
 from asmk_index.fusion import Fusion
-from asmk_index.two_stage import MODES as SEARCH_MODES
+from asmk_index.two_stage import MODES as SEARCH_MODES, VERIFIED_EXPANSION_INLIERS
 from asmk_index.verification import VerificationConfig
 
 from .network import NetworkConfig
@@ -154,7 +154,7 @@ class SearchConfig:
     dba_neighbors: int = 2
     dba_alpha: float = 3.0
     verified_expansion: int = 0
-    verified_expansion_inliers: int = 20
+    verified_expansion_inliers: int = VERIFIED_EXPANSION_INLIERS
 
     def __post_init__(self) -> None:
         if self.mode not in SEARCH_MODES:

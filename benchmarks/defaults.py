@@ -19,9 +19,8 @@ anything: each query's shortlist is scored and verified once per expansion and e
 replayed on those scores, exactly as the search ranks them. The rows are sorted by the sum of the
 datasets' mAP; the default search is the top row of ``--configs "fast preset" --fusion`` on the
 even queries among those that count inliers alike (the idf weightings topped it there but lost
-ukbench-dev's odd queries, see the README; verified query expansion is still an option, see
-the README). Tables are printed and written to
-OUT/results.json.
+ukbench-dev's odd queries; the top row was checked on the odd queries before it was adopted, see
+the README). Tables are printed and written to OUT/results.json.
 """
 from __future__ import annotations
 

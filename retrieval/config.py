@@ -142,10 +142,10 @@ class SearchConfig:
     shortlist: int = 300
     mode: str = "two_stage"
     global_method: str = "exact"
-    fusion: str = "zscore"
+    fusion: str = "minmax"
     global_weight: float = 1.0
     asmk_weight: float = 4.0
-    inlier_weight: float = 8.0
+    inlier_weight: float = 4.0
     verify_top: int = 100
     verification: VerificationConfig = field(
         default_factory=lambda: VerificationConfig(min_inliers=FUSED_MIN_INLIERS))
@@ -153,7 +153,7 @@ class SearchConfig:
     qe_alpha: float = 3.0
     dba_neighbors: int = 2
     dba_alpha: float = 3.0
-    verified_expansion: int = 0
+    verified_expansion: int = 20
     verified_expansion_inliers: int = VERIFIED_EXPANSION_INLIERS
 
     def __post_init__(self) -> None:

@@ -10,9 +10,9 @@ and ``global+dba+qe`` (alpha-DBA of the indexed descriptors), ``asmk`` (ASMK* ov
 collection), ``two_stage`` (global shortlist ranked by the fusion of global and ASMK* scores),
 ``two_stage+sv`` (and stage 3: spatial verification of the top ``verify_top``, the inlier counts
 fused in), ``two_stage+sv+qe`` and ``two_stage+sv+dba+qe`` (all three stages with both
-expansions of the global stage: the default search), ``two_stage+sv+dba+qe+vqe`` (and the query
-expanded again with the verified images, an option). Rankings are complete (every database image ranked), as the
-protocol expects: after a variant's results come the others in its stage-1 order.
+expansions of the global stage), ``two_stage+sv+dba+qe+vqe`` (and the query expanded again with
+the verified images: the default search). Rankings are complete (every database image ranked),
+as the protocol expects: after a variant's results come the others in its stage-1 order.
 
 ``queries``: "all", or "even" / "odd": the queries of every other object (objects are the
 connected groups of queries and their positives, in order of first appearance), so settings can

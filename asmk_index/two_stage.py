@@ -23,6 +23,10 @@ Options of "two_stage" (:meth:`TwoStageIndex.search`):
   (above). ``"asmk"``: ASMK*, ties by global; ``"global"``: the global order;
   ``"minmax"`` / ``"zscore"`` / ``"rrf"`` or a :class:`fusion.Fusion`: a fusion rule that does not
   depend on the scales of the scores (:mod:`fusion`), ties keep the global order.
+- ``asmk_shortlist=m``: stage 1 also takes the ASMK* top m over the whole collection
+  (:meth:`AsmkIndex.search`), and the images not already shortlisted join the shortlist with
+  their global scores (:meth:`GlobalIndex.score`): objects the global descriptor misses (small in
+  the photo, in clutter) still reach stages 2 and 3. 0 (default): the global shortlist alone.
 - ``verify_top=R`` (stage 3, needs an index created with ``local_features=True`` and the query's
   ``query_geometry``): the top R of that ranking are spatially verified (:mod:`verification`)
   against their stored local features (:mod:`local_store`). Each verified image scores its
@@ -349,7 +353,8 @@ class TwoStageIndex:
                verify_top: int = 0, query_geometry=None, verification=None,
                query_expansion: int | None = None, qe_alpha: float | None = None,
                verified_expansion: int = 0,
-               verified_expansion_inliers: int = VERIFIED_EXPANSION_INLIERS) -> SearchResult:
+               verified_expansion_inliers: int = VERIFIED_EXPANSION_INLIERS,
+               asmk_shortlist: int = 0) -> SearchResult:
         """Rank images for one query: ``global_query`` (Dg,), ``local_query`` (n, D) (may be None
         in "global" mode). ``shortlist`` (raised to ``k`` if smaller) images are re-scored in
         "two_stage" mode. Returns a :class:`SearchResult` of at most ``k`` images, best first.
@@ -365,7 +370,8 @@ class TwoStageIndex:
         :class:`verification.VerificationConfig` (None: its defaults). ``query_expansion``,
         ``qe_alpha``: alpha-QE of the global query (None: the global index's options).
         ``verified_expansion``, ``verified_expansion_inliers`` (two_stage with ``verify_top``):
-        verified query expansion (see the module docstring; 0: off)."""
+        verified query expansion (see the module docstring; 0: off). ``asmk_shortlist``
+        (two_stage): the ASMK* top m join the global shortlist (see the module docstring)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         global_weight = float(global_weight)
@@ -377,9 +383,10 @@ class TwoStageIndex:
         ranking = _ranking_rule(fusion, global_weight)
         expansion = (_non_negative_int(verified_expansion, "verified_expansion"),
                      _positive_int(verified_expansion_inliers, "verified_expansion_inliers"))
-        if mode != "two_stage" and (fusion is not None or verify_top or expansion[0]):
-            raise ValueError("fusion, verify_top and verified_expansion are options of mode "
-                             f"'two_stage', not {mode!r}")
+        asmk_shortlist = _non_negative_int(asmk_shortlist, "asmk_shortlist")
+        if mode != "two_stage" and (fusion is not None or verify_top or expansion[0] or asmk_shortlist):
+            raise ValueError("fusion, verify_top, verified_expansion and asmk_shortlist are options "
+                             f"of mode 'two_stage', not {mode!r}")
         if expansion[0] and not verify_top:
             raise ValueError("verified_expansion needs stage 3 (verify_top > 0): it expands the "
                              "query with the verified images")
@@ -411,8 +418,9 @@ class TwoStageIndex:
             return self._search_global(global_query, k, start)
         if mode == "asmk":
             return self._search_asmk(global_query, local_query, k, start)
-        return self._search_two_stage(global_query, local_query, k, shortlist, ranking, start,
-                                      verify_top, stage3, (original_query, *expansion))
+        return self._search_two_stage(global_query, local_query, k, (shortlist, asmk_shortlist),
+                                      ranking, start, verify_top, stage3,
+                                      (original_query, *expansion))
 
     def _stage3_query(self, local_query, query_geometry, verification):
         """(query xy (n, 2), config) for stage 3 after checks, or a clear error."""
@@ -446,15 +454,24 @@ class TwoStageIndex:
             scores[in_asmk] = self.asmk_index.score(local_query, ids[in_asmk], words=words)
         return scores
 
-    def _search_two_stage(self, global_query, local_query, k, shortlist, ranking, start,
+    def _search_two_stage(self, global_query, local_query, k, shortlists, ranking, start,
                           verify_top, stage3, expansion) -> SearchResult:
-        """``expansion``: (the normalised global query before alpha-QE, verified expansion's
-        neighbours (0: off), its inlier threshold)."""
+        """``shortlists``: (global shortlist, ASMK* shortlist); ``expansion``: (the normalised
+        global query before alpha-QE, verified expansion's neighbours (0: off), its inlier
+        threshold)."""
+        shortlist, asmk_shortlist = shortlists
         candidates, global_scores = self.global_index.search(global_query, shortlist,
                                                              query_expansion=0)
-        middle = time.perf_counter()
-        # the query is quantized once, for stage 2 and stage 3
+        # the query is quantized once, for the ASMK* shortlist, stage 2 and stage 3
         words = self.asmk_index.query_words(local_query) if local_query.shape[0] else None
+        if asmk_shortlist and words is not None and len(self.asmk_index):
+            local_ids, _ = self.asmk_index.search(local_query, asmk_shortlist, words=words)
+            added = np.asarray(local_ids, np.int64)
+            added = added[~np.isin(added, candidates)]
+            candidates = np.concatenate([candidates, added])
+            global_scores = np.concatenate([
+                global_scores, self.global_index.score(global_query, added, query_expansion=0)])
+        middle = time.perf_counter()
         asmk_scores = self._asmk_scores(local_query, candidates, words)
         global_scores = global_scores.astype(np.float64)
         final_scores, order = rank_shortlist(ranking, global_scores, asmk_scores)

@@ -121,6 +121,8 @@ class SearchConfig:
     mode: "two_stage" (stage 1 global shortlist, stage 2 ASMK*, stage 3 spatial verification,
         fused), "asmk" (ASMK* over the whole collection) or "global" (global descriptors only).
     shortlist: images stage 1 hands to stages 2 and 3.
+    asmk_shortlist: the ASMK* top m over the whole collection that join the shortlist (images
+        the global descriptor misses; 0: the global shortlist alone).
     fusion: how the stages rank the shortlist: "adaptive", "minmax", "zscore" or "rrf" (rules that do not
         depend on the scales of the scores, :mod:`asmk_index.fusion`, with the three weights), or
         "asmk" / "global" (one stage decides; verified images first when stage 3 runs).
@@ -140,6 +142,7 @@ class SearchConfig:
     """
     k: int = 10
     shortlist: int = 300
+    asmk_shortlist: int = 150
     mode: str = "two_stage"
     global_method: str = "exact"
     fusion: str = "minmax"
@@ -162,9 +165,10 @@ class SearchConfig:
         if self.fusion not in FUSIONS:
             raise ValueError(f"search.fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if (min(self.k, self.shortlist, self.verified_expansion_inliers) < 1
-                or min(self.verify_top, self.query_expansion, self.dba_neighbors, self.verified_expansion) < 0):
+                or min(self.verify_top, self.query_expansion, self.dba_neighbors, self.verified_expansion,
+                       self.asmk_shortlist) < 0):
             raise ValueError("search.k, shortlist and verified_expansion_inliers must be >= 1; verify_top, "
-                             "query_expansion, dba_neighbors and verified_expansion >= 0")
+                             "query_expansion, dba_neighbors, verified_expansion and asmk_shortlist >= 0")
 
     def ranking(self, fusion: str | None = None) -> str | Fusion:
         """The ``fusion`` argument of ``TwoStageIndex.search`` for a fusion name (default: the

@@ -192,7 +192,8 @@ class Searcher:
             options = {"fusion": settings.ranking(fusion), "verify_top": verify_top,
                        "query_geometry": local_geometry(query.local), "verification": settings.verification,
                        "verified_expansion": expansion if verify_top else 0,
-                       "verified_expansion_inliers": settings.verified_expansion_inliers}
+                       "verified_expansion_inliers": settings.verified_expansion_inliers,
+                       "asmk_shortlist": settings.asmk_shortlist}
         start = time.perf_counter()
         with self._lock:
             raw = self.index.two_stage.search(

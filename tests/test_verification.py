@@ -413,23 +413,31 @@ def test_local_geometry_is_required_exactly_when_features_are_kept(photos):
                     query_geometry=np.zeros((3, 2)))
 
 
-def test_verified_query_expansion_pulls_up_what_the_verified_image_resembles(photos):
-    # global descriptors set by hand: the warped view of the query photo resembles the query and
-    # an unrelated photo ("hidden", orthogonal to the query); the other photos resemble the query
-    # a little. Verified, the warped view expands the query, and "hidden" overtakes the others.
+def index_with_global_vectors(photos, global_vectors: dict):
+    """A two-stage index of the photos numbered as ``global_vectors``' keys (WARPED_ID: the warped
+    view) with the local features and geometry of each and the given (16,) global descriptors."""
     from asmk_index.two_stage import TwoStageIndex
 
-    numbers, hidden = [WARPED_ID, *range(4, PHOTOS)], 8
-    axes = np.eye(16, dtype=np.float32)
-    global_vectors = {n: 0.3 * axes[0] + axes[n] for n in numbers if n not in (WARPED_ID, hidden)}
-    global_vectors.update({WARPED_ID: axes[0] + axes[1], hidden: axes[1]})
-    codebook, query = photos["codebook"], photos["features"][0]
-    index = TwoStageIndex.create(codebook, 16, local_features=True)
+    numbers = list(global_vectors)
+    index = TwoStageIndex.create(photos["codebook"], 16, local_features=True)
     features = [photos["warped"] if n == WARPED_ID else photos["features"][n] for n in numbers]
     index.add(np.stack([global_vectors[n] for n in numbers]), numbers,
               np.concatenate([f.descriptors for f in features]),
               np.repeat(numbers, [len(f.descriptors) for f in features]),
               local_geometry=np.concatenate([np.column_stack([f.x, f.y, f.scale]) for f in features]))
+    return index
+
+
+def test_verified_query_expansion_pulls_up_what_the_verified_image_resembles(photos):
+    # global descriptors set by hand: the warped view of the query photo resembles the query and
+    # an unrelated photo ("hidden", orthogonal to the query); the other photos resemble the query
+    # a little. Verified, the warped view expands the query, and "hidden" overtakes the others.
+    numbers, hidden = [WARPED_ID, *range(4, PHOTOS)], 8
+    axes = np.eye(16, dtype=np.float32)
+    global_vectors = {n: 0.3 * axes[0] + axes[n] for n in numbers if n not in (WARPED_ID, hidden)}
+    global_vectors.update({WARPED_ID: axes[0] + axes[1], hidden: axes[1]})
+    query = photos["features"][0]
+    index = index_with_global_vectors(photos, global_vectors)
 
     def search(expansion, min_inliers=EXPANSION_INLIERS):
         return index.search(axes[0], query.descriptors, k=len(numbers), shortlist=len(numbers),
@@ -449,6 +457,32 @@ def test_verified_query_expansion_pulls_up_what_the_verified_image_resembles(pho
     np.testing.assert_array_equal(unchanged.ids, plain.ids)
     with pytest.raises(ValueError, match="verify_top"):
         index.search(axes[0], query.descriptors, verified_expansion=3)
+
+
+def test_asmk_shortlist_brings_in_the_view_the_global_descriptor_misses(photos):
+    # global descriptors set by hand: the warped view of the query photo is orthogonal to the
+    # query, so a global shortlist of 2 misses it; the ASMK* top 1 over the whole collection is
+    # that view, and joining the shortlist it is verified and ranked first.
+    numbers = [WARPED_ID, *range(4, PHOTOS)]
+    axes = np.eye(16, dtype=np.float32)
+    global_vectors = {n: 0.3 * axes[0] + axes[n] for n in numbers if n != WARPED_ID}
+    global_vectors[WARPED_ID] = axes[1]
+    query = photos["features"][0]
+    index = index_with_global_vectors(photos, global_vectors)
+
+    def search(asmk_shortlist):
+        return index.search(axes[0], query.descriptors, k=2, shortlist=2, asmk_shortlist=asmk_shortlist,
+                            fusion=Fusion("minmax", 1.0, 4.0, 4.0), verify_top=3,
+                            query_geometry=np.column_stack([query.x, query.y]),
+                            verification=VerificationConfig(model="homography"))
+
+    plain, joined = search(0), search(1)
+    assert WARPED_ID not in plain.ids and plain.shortlist_size == 2
+    assert joined.shortlist_size == 3 and joined.ids[0] == WARPED_ID
+    assert joined.global_scores[0] == 0.0 and joined.inliers[0] >= VerificationConfig().min_inliers
+    assert joined.ids[1] in plain.ids
+    with pytest.raises(ValueError, match="asmk_shortlist"):
+        index.search(axes[0], query.descriptors, mode="global", asmk_shortlist=1)
 
 
 @pytest.mark.parametrize("fusion,weighting,expansion", [

@@ -464,15 +464,18 @@ class TwoStageIndex:
                                                              query_expansion=0)
         # the query is quantized once, for the ASMK* shortlist, stage 2 and stage 3
         words = self.asmk_index.query_words(local_query) if local_query.shape[0] else None
+        added, added_asmk_scores = np.empty(0, np.int64), np.empty(0, np.float64)
         if asmk_shortlist and words is not None and len(self.asmk_index):
-            local_ids, _ = self.asmk_index.search(local_query, asmk_shortlist, words=words)
-            added = np.asarray(local_ids, np.int64)
-            added = added[~np.isin(added, candidates)]
-            candidates = np.concatenate([candidates, added])
+            local_ids, local_scores = self.asmk_index.search(local_query, asmk_shortlist, words=words)
+            not_shortlisted = ~np.isin(local_ids, candidates)
+            added = np.asarray(local_ids, np.int64)[not_shortlisted]
+            added_asmk_scores = np.asarray(local_scores, np.float64)[not_shortlisted]
             global_scores = np.concatenate([
                 global_scores, self.global_index.score(global_query, added, query_expansion=0)])
         middle = time.perf_counter()
-        asmk_scores = self._asmk_scores(local_query, candidates, words)
+        # the ASMK* search already scored the images it added
+        asmk_scores = np.concatenate([self._asmk_scores(local_query, candidates, words), added_asmk_scores])
+        candidates = np.concatenate([candidates, added])
         global_scores = global_scores.astype(np.float64)
         final_scores, order = rank_shortlist(ranking, global_scores, asmk_scores)
         end = time.perf_counter()
@@ -503,8 +506,8 @@ class TwoStageIndex:
                            order, ranking, local_query, words, verify_top):
         """Stage 3 on the top ``verify_top`` of ``order``; returns (scores, order, inliers (n,)
         -1 where not verified, verifications (n,) list, inlier scores (n,) -1 where not verified)
-        over the shortlist positions; the ranking uses the inlier scores. ``words``: the query's stage-2 words (nearest first),
-        None for an empty query."""
+        over the shortlist positions; the ranking uses the inlier scores. ``words``: the query's
+        stage-2 words (nearest first), None for an empty query."""
         top = order[:verify_top]
         results = self._verify_ids(local_query, words, stage3, candidates[top])
         inliers = np.full(candidates.size, -1, np.int64)
